@@ -1,0 +1,468 @@
+"""EVE: one Transformer for images and text, pre-trained by masked signal modeling.
+
+Self-attention is shared by both modalities; the feed-forward network of each layer is
+`multiway` (one FFN per modality, as in VLMo and EVE's lower layers), `moe` (a
+modality-aware sparse mixture of experts, moe.py, EVE's top layers) or `dense` (one
+shared FFN, for ablations). Every token carries an explicit modality id (0 = vision,
+1 = text) from the embeddings down to the FFNs and the router.
+
+Order: leaf modules, config and presets, the model, its losses.
+"""
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from masking import block_masking, patchify, random_masking
+from moe import MoE
+
+VISION, TEXT = 0, 1  # modality ids
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention shared by image and text tokens."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, valid):
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, nh, S, hs) each
+        # key-padding mask: every query may attend to real tokens only; (B, 1, 1, S) broadcasts over heads and queries
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden, dropout=0.0):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+
+
+class DenseFFN(MLP):
+    """One FFN for every token, whatever its modality (the ablation baseline)."""
+
+    def forward(self, x, modality):
+        return super().forward(x), None
+
+
+class MultiwayFFN(nn.Module):
+    """One FFN per modality; a token only ever reaches its own modality's FFN."""
+
+    def __init__(self, dim, hidden, num_modalities=2, dropout=0.0):
+        super().__init__()
+        self.ffns = nn.ModuleList(MLP(dim, hidden, dropout) for _ in range(num_modalities))
+
+    def forward(self, x, modality):  # x: (n, D), modality: (n,)
+        y = torch.empty_like(x)
+        for m, ffn in enumerate(self.ffns):
+            # an empty slice still runs, so that every parameter gets a (zero) gradient under DDP
+            idx = (modality == m).nonzero().squeeze(1)
+            y = y.index_copy(0, idx, ffn(x.index_select(0, idx)).to(x.dtype))
+        return y, None
+
+
+class Block(nn.Module):
+    """Pre-LN Transformer block: shared attention, then the layer's kind of FFN."""
+
+    def __init__(self, cfg, dim, heads, ffn, drop_path_rate=0.0):
+        super().__init__()
+        hidden = int(dim * cfg.mlp_ratio)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        if ffn == "moe":
+            self.ffn = MoE(dim, hidden, cfg.num_experts, cfg.top_k, modality_routing=cfg.modality_routing,
+                           capacity_factor=cfg.capacity_factor, router_jitter=cfg.router_jitter, dropout=cfg.dropout)
+        elif ffn == "multiway":
+            self.ffn = MultiwayFFN(dim, hidden, dropout=cfg.dropout)
+        elif ffn == "dense":
+            self.ffn = DenseFFN(dim, hidden, cfg.dropout)
+        else:
+            raise ValueError(f"unknown FFN kind {ffn!r}: use multiway, moe or dense")
+        use_ls = cfg.layerscale_init > 0
+        self.gamma1 = nn.Parameter(cfg.layerscale_init * torch.ones(dim)) if use_ls else None
+        self.gamma2 = nn.Parameter(cfg.layerscale_init * torch.ones(dim)) if use_ls else None
+        self.drop_path = drop_path_rate
+
+    def forward(self, x, modality, valid):
+        """x: [B, S, D], modality: [B, S] long, valid: [B, S] bool (False on text padding)."""
+        h = self.attn(self.norm1(x), valid)
+        x = x + drop_path(h if self.gamma1 is None else self.gamma1 * h, self.drop_path, self.training)
+        # the FFN sees only real tokens, flattened: padding never reaches a router or an expert
+        flat, stats = self.ffn(self.norm2(x)[valid], modality[valid])  # (n, D)
+        h = torch.zeros_like(x).index_put((valid,), flat.to(x.dtype))
+        x = x + drop_path(h if self.gamma2 is None else self.gamma2 * h, self.drop_path, self.training)
+        return x, stats
+
+
+@dataclass
+class EVEConfig:
+    image_size: int = 64  # input resolution (square)
+    patch_size: int = 8  # patch side; (image_size / patch_size)^2 patches
+    vocab_size: int = 30522  # WordPiece vocabulary; pretrain.py sets it from the tokenizer
+    max_text_len: int = 32  # text positions, [CLS] and [SEP] included
+    dim: int = 192  # encoder width
+    depth: int = 6  # encoder layers
+    heads: int = 3  # attention heads
+    mlp_ratio: float = 4.0  # FFN hidden = mlp_ratio * dim
+    ffn: str = "multiway"  # FFN of the lower layers: multiway | moe | dense
+    top_ffn: str = "moe"  # FFN of the top `top_layers` layers: multiway | moe | dense
+    top_layers: int = 2  # how many of the top layers use top_ffn
+    num_experts: int = 8  # experts per MoE layer
+    top_k: int = 2  # experts per token
+    modality_routing: bool = True  # the router is told each token's modality
+    capacity_factor: float = 0.0  # expert capacity as a multiple of the fair share; 0 = dropless
+    router_jitter: float = 0.0  # multiplicative router-input noise, training only
+    moe_aux_weight: float = 0.001  # load-balancing loss weight (official EVE value)
+    moe_z_weight: float = 0.0  # router z-loss weight
+    layerscale_init: float = 0.0  # LayerScale initial value; 0 = off
+    drop_path: float = 0.0  # stochastic depth rate of the last layer (linear from 0)
+    dropout: float = 0.0  # dropout after each FFN
+    decoder_dim: int = 128  # pixel decoder width
+    decoder_depth: int = 2  # pixel decoder blocks
+    decoder_heads: int = 4  # pixel decoder heads
+    image_mask_ratio: float = 0.75  # share of patches removed for MSM
+    image_masking: str = "random"  # random (MAE) | block (BEiT, ablation)
+    norm_pix_loss: bool = False  # per-patch normalised pixel target (MAE)
+    mlm_weight: float = 1.0  # weight of the masked-text loss
+    itc_dim: int = 128  # ITC projection width
+    num_answers: int = 0  # VQA classifier outputs; 0 = no VQA head
+    nlvr2_head: bool = False  # add the NLVR2 pair classifier
+    grad_checkpoint: bool = False  # activation checkpointing, per encoder block
+
+    @property
+    def num_patches(self):
+        return (self.image_size // self.patch_size) ** 2
+
+    def ffn_kinds(self):
+        return [self.top_ffn if i >= self.depth - self.top_layers else self.ffn for i in range(self.depth)]
+
+    def param_counts(self):
+        """(total, activated per token). A token uses one multiway branch and top_k experts of each MoE layer."""
+        with torch.device("meta"):
+            model = EVE(self)
+        total = sum(p.numel() for p in model.parameters())
+        idle = 0
+        for block in model.blocks:
+            if isinstance(block.ffn, MoE):
+                per_expert = sum(p[0].numel() for p in (block.ffn.w1, block.ffn.b1, block.ffn.w2, block.ffn.b2))
+                idle += (self.num_experts - self.top_k) * per_expert
+            elif isinstance(block.ffn, MultiwayFFN):
+                idle += sum(p.numel() for p in block.ffn.ffns[1].parameters())
+        return total, total - idle
+
+    def __str__(self):
+        total, active = self.param_counts()
+        return f"{self!r}\nparameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M activated per token"
+
+
+PRESETS = {
+    "tiny": EVEConfig(),
+    "small": EVEConfig(image_size=128, patch_size=16, dim=384, depth=8, heads=6, num_experts=16,
+                       decoder_dim=256, decoder_depth=2, decoder_heads=8, itc_dim=256, max_text_len=40),
+    "base": EVEConfig(image_size=224, patch_size=16, dim=768, depth=12, heads=12, num_experts=32, top_layers=2,
+                      decoder_dim=512, decoder_depth=4, decoder_heads=16, itc_dim=256, max_text_len=40),
+    "large": EVEConfig(image_size=224, patch_size=16, dim=1024, depth=24, heads=16, num_experts=32, top_layers=3,
+                       decoder_dim=512, decoder_depth=4, decoder_heads=16, itc_dim=256, max_text_len=40),
+}
+
+
+def make_config(preset="tiny", **overrides):
+    """A preset with some fields replaced, e.g. make_config('base', num_experts=16)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return EVEConfig(**{**asdict(PRESETS[preset]), **overrides})
+
+
+def gather_with_grad(t):
+    """Concatenate t from every DDP rank along dim 0, keeping the gradient to the local part."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return t
+    if torch.distributed.get_world_size() == 1:
+        return t
+    import torch.distributed.nn.functional as dist_fn
+    return torch.cat(dist_fn.all_gather(t), 0)
+
+
+def sample_negatives(sim, positive, generator=None):
+    """One hard negative per row, drawn with probability softmax(sim) over the non-positives.
+
+    sim: (B, B') similarities, positive: (B, B') bool. Returns (B,) column indices.
+    """
+    if (positive.all(1)).any():
+        raise ValueError("a row has no negative to sample (every pair in the batch is a positive)")
+    weights = F.softmax(sim.float(), dim=1) + 1e-6  # the epsilon keeps rows with vanishing mass sampleable
+    weights = weights.masked_fill(positive, 0.0)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+class PixelDecoder(nn.Module):
+    """MAE-style light decoder: visible image tokens plus a learned mask token per removed
+    patch, its own position embeddings, a few blocks, and a linear map to p*p*3 pixels."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed = nn.Linear(cfg.dim, cfg.decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, cfg.decoder_dim))
+        self.blocks = nn.ModuleList(Block(cfg, cfg.decoder_dim, cfg.decoder_heads, "dense") for _ in range(cfg.decoder_depth))
+        self.norm = nn.LayerNorm(cfg.decoder_dim)
+        self.pred = nn.Linear(cfg.decoder_dim, cfg.patch_size ** 2 * 3)
+
+    def forward(self, x, ids_restore):
+        """x: [N, 1 + L_keep, D] encoder image tokens ([CLS_v] first), ids_restore: [N, L] -> pixels [N, L, p*p*3]."""
+        x = self.embed(x)
+        N, L = ids_restore.shape
+        masks = self.mask_token.expand(N, L + 1 - x.shape[1], -1).to(x.dtype)
+        patches = torch.cat([x[:, 1:], masks], dim=1)  # (N, L, Dd) in shuffled order
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
+        modality = torch.full(x.shape[:2], VISION, device=x.device)
+        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        for block in self.blocks:
+            x, _ = block(x, modality, valid)
+        return self.pred(self.norm(x))[:, 1:]
+
+
+class EVE(nn.Module):
+    def __init__(self, cfg: EVEConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, p = cfg.dim, cfg.patch_size
+        # embeddings: position embeddings are added before masking, so a visible patch keeps its place
+        self.patch_embed = nn.Conv2d(3, D, kernel_size=p, stride=p)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.image_pos = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, D))
+        self.word_embed = nn.Embedding(cfg.vocab_size, D)
+        self.text_pos = nn.Embedding(cfg.max_text_len, D)
+        self.text_norm = nn.LayerNorm(D)
+        self.type_embed = nn.Embedding(2, D)
+        rates = [cfg.drop_path * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(cfg, D, cfg.heads, kind, r) for kind, r in zip(cfg.ffn_kinds(), rates))
+        self.norm = nn.LayerNorm(D)
+        # heads
+        self.mlm_transform = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.LayerNorm(D))
+        self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # decoder weight is tied to word_embed
+        self.decoder = PixelDecoder(cfg)
+        self.itc_image = nn.Linear(D, cfg.itc_dim)
+        self.itc_text = nn.Linear(D, cfg.itc_dim)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.pooler = nn.Sequential(nn.Linear(D, D), nn.Tanh())
+        self.itm_head = nn.Linear(D, 2)
+        if cfg.num_answers:
+            self.vqa_head = nn.Sequential(nn.Linear(D, 2 * D), nn.LayerNorm(2 * D), nn.GELU(), nn.Linear(2 * D, cfg.num_answers))
+        if cfg.nlvr2_head:
+            self.nlvr2_head = nn.Sequential(nn.Linear(2 * D, 2 * D), nn.LayerNorm(2 * D), nn.GELU(), nn.Linear(2 * D, 2))
+        self.apply(self._init_weights)
+        for t in (self.cls_token, self.image_pos, self.decoder.mask_token, self.decoder.pos_embed):
+            nn.init.normal_(t, std=0.02)
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    # ---- encoder -------------------------------------------------------------------
+
+    def embed_image(self, images, mask_ratio=0.0):
+        """images: [N, 3, H, W] -> tokens [N, 1 + L_keep, D] ([CLS_v] first), mask [N, L], ids_restore [N, L]."""
+        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.image_pos[:, 1:]  # (N, L, D)
+        mask = ids_restore = None
+        if mask_ratio > 0:
+            if self.cfg.image_masking == "block":
+                side = self.cfg.image_size // self.cfg.patch_size
+                x, mask, ids_restore = block_masking(x, (side, side), mask_ratio)
+            else:
+                x, mask, ids_restore = random_masking(x, mask_ratio)
+        cls = (self.cls_token + self.image_pos[:, :1]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1) + self.type_embed.weight[VISION], mask, ids_restore
+
+    def embed_text(self, ids):
+        """ids: [N, T] -> [N, T, D]."""
+        if ids.shape[1] > self.cfg.max_text_len:
+            raise ValueError(f"text of {ids.shape[1]} tokens exceeds max_text_len={self.cfg.max_text_len}")
+        pos = self.text_pos(torch.arange(ids.shape[1], device=ids.device))
+        return self.text_norm(self.word_embed(ids) + pos + self.type_embed.weight[TEXT])
+
+    def encode(self, images=None, text_ids=None, text_mask=None, mask_ratio=0.0):
+        """Image only, text only, or image+text as one sequence [CLS_v, visible patches, text].
+
+        Returns a dict: hidden [N, S, D] (after the final norm), n_image (image tokens in
+        front), mask / ids_restore of the image masking, moe (stats of each MoE layer).
+        """
+        parts, modality, valid = [], [], []
+        mask = ids_restore = None
+        if images is not None:
+            x, mask, ids_restore = self.embed_image(images, mask_ratio)
+            parts.append(x)
+            modality.append(torch.full(x.shape[:2], VISION, device=x.device))
+            valid.append(torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+        if text_ids is not None:
+            t = self.embed_text(text_ids)
+            parts.append(t)
+            modality.append(torch.full(t.shape[:2], TEXT, device=t.device))
+            valid.append(text_mask.bool() if text_mask is not None else torch.ones(t.shape[:2], dtype=torch.bool, device=t.device))
+        x, modality, valid = torch.cat(parts, 1), torch.cat(modality, 1), torch.cat(valid, 1)
+        moe_stats = []
+        for block in self.blocks:
+            if self.cfg.grad_checkpoint and self.training:
+                x, stats = torch.utils.checkpoint.checkpoint(block, x, modality, valid, use_reentrant=False)
+            else:
+                x, stats = block(x, modality, valid)
+            if stats is not None:
+                moe_stats.append(stats)
+        n_image = parts[0].shape[1] if images is not None else 0
+        return dict(hidden=self.norm(x), n_image=n_image, mask=mask, ids_restore=ids_restore, moe=moe_stats)
+
+    # ---- features used by the task heads and by evaluation ----------------------------
+
+    def image_features(self, images):
+        """L2-normalised ITC embedding of images: [N, itc_dim]."""
+        return F.normalize(self.itc_image(self.encode(images=images)["hidden"][:, 0]), dim=-1)
+
+    def text_features(self, text_ids, text_mask):
+        return F.normalize(self.itc_text(self.encode(text_ids=text_ids, text_mask=text_mask)["hidden"][:, 0]), dim=-1)
+
+    def fused_cls(self, images, text_ids, text_mask):
+        """The text [CLS] of an image+text pass: [N, D], plus the pass's MoE stats."""
+        enc = self.encode(images, text_ids, text_mask)
+        return enc["hidden"][:, enc["n_image"]], enc["moe"]
+
+    def itm_logits(self, images, text_ids, text_mask):
+        cls, stats = self.fused_cls(images, text_ids, text_mask)
+        return self.itm_head(self.pooler(cls)), stats
+
+    def vqa_logits(self, images, text_ids, text_mask):
+        cls, stats = self.fused_cls(images, text_ids, text_mask)
+        return self.vqa_head(cls), stats
+
+    def nlvr2_logits(self, image0, image1, text_ids, text_mask):
+        left, s0 = self.fused_cls(image0, text_ids, text_mask)
+        right, s1 = self.fused_cls(image1, text_ids, text_mask)
+        return self.nlvr2_head(torch.cat([left, right], dim=-1)), s0 + s1
+
+    # ---- losses: each returns a dict of named losses -----------------------------------
+
+    def forward(self, batch, task="msm"):
+        """batch: the collator's dict, plus 'mlm_ids'/'mlm_labels' (masked text) for msm and mlm,
+        'vqa_targets' for vqa. task: '+'-joined parts of msm, itc_itm, mlm, vqa, nlvr2.
+
+        Returns {'loss': weighted total, 'loss_<part>': each part, 'loss_moe', ...}.
+        """
+        parts = {"msm": self.loss_msm, "itc_itm": self.loss_itc_itm, "mlm": self.loss_mlm,
+                 "vqa": self.loss_vqa, "nlvr2": self.loss_nlvr2}
+        out, moe_stats, passes = {}, [], 0
+        for name in task.split("+"):
+            if name not in parts:
+                raise ValueError(f"unknown task part {name!r}; choose from {sorted(parts)}")
+            losses, stats, n = parts[name](batch)
+            out.update(losses)
+            moe_stats += stats
+            passes += n
+        out.update(self.moe_summary(moe_stats, passes))
+        weights = {"loss_mlm": self.cfg.mlm_weight}
+        out["loss"] = sum(weights.get(k, 1.0) * v for k, v in out.items() if k.startswith("loss_"))
+        return out
+
+    def moe_summary(self, stats, passes):
+        """Auxiliary loss averaged over encoder passes; per-layer expert load summed over them."""
+        if not stats:
+            return {}
+        n_layers = len(stats) // passes
+        aux = sum(s["aux_loss"] for s in stats) / passes
+        z = sum(s["z_loss"] for s in stats) / passes
+        load = [sum(s["tokens_per_expert"] for s in stats[i::n_layers]) for i in range(n_layers)]
+        return {"loss_moe": self.cfg.moe_aux_weight * aux + self.cfg.moe_z_weight * z,
+                "moe_aux": aux.detach() / n_layers, "moe_load": load,  # load[i]: (modalities, experts)
+                "moe_drop": sum(s["drop_fraction"] for s in stats).detach() / len(stats)}
+
+    def mlm_loss(self, hidden, labels):
+        """Masked-token prediction on the masked positions only. hidden: [N, T, D], labels: [N, T]."""
+        picked = labels != -100
+        h = self.mlm_transform(hidden[picked])  # (n_masked, D)
+        logits = F.linear(h, self.word_embed.weight, self.mlm_bias)  # tied to the input embeddings
+        return F.cross_entropy(logits.float(), labels[picked]), logits
+
+    def pixel_loss(self, images, pred, mask):
+        """MSE on the removed patches only. pred: [N, L, p*p*3], mask: [N, L] with 1 = removed."""
+        target = patchify(images, self.cfg.patch_size)
+        if self.cfg.norm_pix_loss:
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        loss = ((pred.float() - target) ** 2).mean(-1)  # (N, L) per patch
+        return (loss * mask).sum() / mask.sum()
+
+    def loss_msm(self, batch):
+        """Masked signal modeling: ONE pass over the visible patches and the masked text."""
+        enc = self.encode(batch["image"], batch["mlm_ids"], batch["text_mask"], self.cfg.image_mask_ratio)
+        n = enc["n_image"]
+        pred = self.decoder(enc["hidden"][:, :n], enc["ids_restore"])
+        loss_mim = self.pixel_loss(batch["image"], pred, enc["mask"])
+        loss_mlm, _ = self.mlm_loss(enc["hidden"][:, n:], batch["mlm_labels"])
+        return {"loss_mim": loss_mim, "loss_mlm": loss_mlm, "pred": pred.detach(), "mask": enc["mask"]}, enc["moe"], 1
+
+    def loss_mlm(self, batch):
+        """Masked text with the FULL image (the optional MLM of the ITC+ITM baseline)."""
+        enc = self.encode(batch["image"], batch["mlm_ids"], batch["text_mask"])
+        loss, _ = self.mlm_loss(enc["hidden"][:, enc["n_image"]:], batch["mlm_labels"])
+        return {"loss_mlm": loss}, enc["moe"], 1
+
+    def loss_itc_itm(self, batch):
+        """Image-text contrastive loss over all DDP ranks, then image-text matching on the
+        positives and on one hard negative image per text and one hard negative text per image."""
+        images, ids, tmask = batch["image"], batch["text_ids"], batch["text_mask"]
+        B = images.shape[0]
+        enc_i, enc_t = self.encode(images=images), self.encode(text_ids=ids, text_mask=tmask)
+        img = F.normalize(self.itc_image(enc_i["hidden"][:, 0]), dim=-1)  # (B, E)
+        txt = F.normalize(self.itc_text(enc_t["hidden"][:, 0]), dim=-1)
+        # positives: the same image id, or by default the pair's own position across ranks
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        pair_ids = batch.get("image_id", torch.arange(B, device=images.device) + rank * B)
+        img_all, txt_all, ids_all = gather_with_grad(img), gather_with_grad(txt), gather_with_grad(pair_ids)
+        positive = pair_ids[:, None] == ids_all[None, :]  # (B, B*world)
+        targets = positive.float() / positive.sum(1, keepdim=True)
+        temp = self.temp.clamp(0.001, 0.5)
+        sim_i2t, sim_t2i = img @ txt_all.t() / temp, txt @ img_all.t() / temp
+        loss_itc = (F.cross_entropy(sim_i2t.float(), targets) + F.cross_entropy(sim_t2i.float(), targets)) / 2
+        # hard negatives from the local batch, never the positive itself
+        with torch.no_grad():
+            local_pos = pair_ids[:, None] == pair_ids[None, :]
+            neg_img = sample_negatives(txt @ img.t() / temp, local_pos)  # for each text
+            neg_txt = sample_negatives(img @ txt.t() / temp, local_pos)  # for each image
+        itm_images = torch.cat([images, images[neg_img], images])
+        itm_ids = torch.cat([ids, ids, ids[neg_txt]])
+        itm_mask = torch.cat([tmask, tmask, tmask[neg_txt]])
+        logits, stats = self.itm_logits(itm_images, itm_ids, itm_mask)
+        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(images.device)
+        loss_itm = F.cross_entropy(logits.float(), labels)
+        return {"loss_itc": loss_itc, "loss_itm": loss_itm}, enc_i["moe"] + enc_t["moe"] + stats, 3
+
+    def loss_vqa(self, batch):
+        """Binary cross-entropy against soft answer scores, scaled by the number of answers (VLMo/ALBEF)."""
+        logits, stats = self.vqa_logits(batch["image"], batch["text_ids"], batch["text_mask"])
+        targets = batch["vqa_targets"]
+        loss = F.binary_cross_entropy_with_logits(logits.float(), targets) * targets.shape[1]
+        return {"loss_vqa": loss, "logits": logits.detach()}, stats, 1
+
+    def loss_nlvr2(self, batch):
+        logits, stats = self.nlvr2_logits(batch["image0"], batch["image1"], batch["text_ids"], batch["text_mask"])
+        return {"loss_nlvr2": F.cross_entropy(logits.float(), batch["label"]), "logits": logits.detach()}, stats, 2

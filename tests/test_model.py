@@ -1,0 +1,157 @@
+import torch
+
+from masking import mask_text
+from model import EVE, PRESETS, MultiwayFFN, make_config, sample_negatives
+
+V = 120  # vocabulary of the toy batches: 0 pad, 1 cls, 2 sep, 3 mask
+
+
+def toy_batch(B=4, T=12, seed=0, size=64):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, V, (B, T), generator=g)
+    ids[:, 0], ids[:, -1] = 1, 2
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 6:] = False  # a padded caption
+    ids[0, 6:] = 0
+    ids[0, 5] = 2
+    mlm_ids, labels = mask_text(ids, {0, 1, 2, 3}, 3, V, 0.5, generator=g)
+    img = torch.randn(B, 3, size, size, generator=g)
+    return dict(image=img, text_ids=ids, text_mask=mask, mlm_ids=mlm_ids, mlm_labels=labels,
+                image0=img, image1=img.flip(0), label=torch.tensor([0, 1] * (B // 2)),
+                vqa_targets=torch.rand(B, 7, generator=g))
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return EVE(make_config("tiny", vocab_size=V, **kw))
+
+
+def test_presets_build_and_count():
+    # the paper-sized presets are built on the meta device: shapes and counts, no memory
+    counts = {name: cfg.param_counts() for name, cfg in PRESETS.items()}
+    for name, (total, active) in counts.items():
+        assert 0 < active < total, name
+    model = tiny()
+    assert counts["tiny"][0] == sum(p.numel() for p in EVE(PRESETS["tiny"]).parameters())
+    assert counts["base"][0] > 3 * counts["tiny"][0]
+    base = PRESETS["base"]
+    assert (base.dim, base.depth, base.heads, base.num_experts, base.top_k) == (768, 12, 12, 32, 2)
+    assert base.ffn_kinds()[10:] == ["moe", "moe"] and base.ffn_kinds()[9] == "multiway"
+    assert PRESETS["large"].ffn_kinds()[21:] == ["moe"] * 3
+    # activated per token, by hand for tiny: every MoE layer idles 6 of 8 experts, every multiway layer one FFN
+    D, H = 192, 768
+    expert = D * H + H + H * D + D
+    assert counts["tiny"][0] - counts["tiny"][1] == 2 * 6 * expert + 4 * expert
+    assert "activated per token" in str(PRESETS["tiny"]) and model.cfg.vocab_size == V
+
+
+def test_three_modes_forward_backward():
+    model = tiny(num_answers=7, nlvr2_head=True)
+    b = toy_batch()
+    enc = model.encode(images=b["image"])
+    assert enc["hidden"].shape == (4, 65, 192) and enc["n_image"] == 65
+    enc = model.encode(text_ids=b["text_ids"], text_mask=b["text_mask"])
+    assert enc["hidden"].shape == (4, 12, 192) and enc["n_image"] == 0
+    enc = model.encode(b["image"], b["text_ids"], b["text_mask"], mask_ratio=0.75)
+    assert enc["hidden"].shape == (4, 1 + 16 + 12, 192) and len(enc["moe"]) == 2
+    for task in ["msm", "itc_itm", "mlm", "vqa", "nlvr2"]:
+        model.zero_grad()
+        out = model(b, task)
+        out["loss"].backward()
+        assert torch.isfinite(out["loss"]), task
+        assert model.word_embed.weight.grad is not None, task
+
+
+def test_visible_patches_equal_full_sequence_without_removed():
+    model = tiny().eval()
+    b = toy_batch()
+    torch.manual_seed(3)
+    enc = model.encode(b["image"], b["text_ids"], b["text_mask"], mask_ratio=0.75)
+    # reference: embed all patches WITH their positions, drop the removed ones, run the blocks by hand
+    x = model.patch_embed(b["image"]).flatten(2).transpose(1, 2) + model.image_pos[:, 1:]
+    keep = (enc["mask"] == 0).nonzero()[:, 1].view(4, 16)  # original order
+    x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, 192))
+    cls = (model.cls_token + model.image_pos[:, :1]).expand(4, -1, -1)
+    x = torch.cat([cls, x], 1) + model.type_embed.weight[0]
+    x = torch.cat([x, model.embed_text(b["text_ids"])], 1)
+    modality = torch.cat([torch.zeros(4, 17), torch.ones(4, 12)], 1).long()
+    valid = torch.cat([torch.ones(4, 17, dtype=torch.bool), b["text_mask"]], 1)
+    for blk in model.blocks:
+        x, _ = blk(x, modality, valid)
+    ref = model.norm(x)
+    # the encoder's kept patches come in shuffled order: sort them back to the original order
+    order = torch.argsort(enc["ids_restore"], 1)[:, :16]  # ids_keep
+    perm = torch.argsort(order, 1)
+    got_patches = torch.gather(enc["hidden"][:, 1:17], 1, perm.unsqueeze(-1).expand(-1, -1, 192))
+    torch.testing.assert_close(got_patches, ref[:, 1:17], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(enc["hidden"][:, 17:][b["text_mask"]], ref[:, 17:][b["text_mask"]], atol=1e-5, rtol=1e-5)
+
+
+def test_padding_does_not_change_real_tokens():
+    model = tiny().eval()
+    b = toy_batch()
+    ids, mask = b["text_ids"][:1, :6], b["text_mask"][:1, :6]
+    short = model.encode(b["image"][:1], ids, mask)["hidden"]
+    padded = model.encode(b["image"][:1], b["text_ids"][:1], b["text_mask"][:1])["hidden"]
+    torch.testing.assert_close(short, padded[:, : short.shape[1]], atol=1e-5, rtol=1e-5)
+
+
+def test_multiway_gradients_stay_in_their_modality():
+    torch.manual_seed(0)
+    ffn = MultiwayFFN(8, 16)
+    x = torch.randn(10, 8)
+    modality = torch.tensor([1] * 10)  # text only
+    y, _ = ffn(x, modality)
+    y.sum().backward()
+    assert all(p.grad.abs().sum() == 0 for p in ffn.ffns[0].parameters())  # defined, and zero
+    assert all(p.grad.abs().sum() > 0 for p in ffn.ffns[1].parameters())
+    torch.testing.assert_close(y, ffn.ffns[1](x))
+    ffn.zero_grad()
+    y, _ = ffn(x, torch.tensor([0, 1] * 5))
+    y[0::2].sum().backward()  # only the vision tokens' outputs
+    assert all(p.grad.abs().sum() == 0 for p in ffn.ffns[1].parameters())
+
+
+def test_text_tokens_never_reach_vision_ffn_in_model():
+    model = tiny(top_ffn="multiway")
+    b = toy_batch()
+    out = model.encode(text_ids=b["text_ids"], text_mask=b["text_mask"])
+    out["hidden"].sum().backward()
+    for blk in model.blocks:
+        assert blk.ffn.ffns[0].fc1.weight.grad.abs().sum() == 0
+        assert blk.ffn.ffns[1].fc1.weight.grad.abs().sum() > 0
+
+
+def test_hard_negatives_never_pick_the_positive():
+    g = torch.Generator().manual_seed(0)
+    sim = torch.randn(6, 6, generator=g) * 5
+    sim.fill_diagonal_(100.0)  # the positive is by far the most similar
+    positive = torch.eye(6, dtype=torch.bool)
+    positive[0, 1] = positive[1, 0] = True  # two captions of one image
+    for _ in range(200):
+        idx = sample_negatives(sim, positive, generator=g)
+        assert not positive[torch.arange(6), idx].any()
+
+
+def test_overfit_one_batch():
+    model = tiny()
+    b = toy_batch(B=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.manual_seed(0)
+    first = None
+    for step in range(30):
+        out = model(b, "msm")
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        first = first if first is not None else out["loss"].item()
+    assert out["loss"].item() < 0.5 * first, (first, out["loss"].item())
+
+
+def test_eval_is_deterministic_and_block_masking_runs():
+    model = tiny(router_jitter=0.1, image_masking="block").eval()
+    b = toy_batch()
+    a = model.encode(b["image"], b["text_ids"], b["text_mask"])["hidden"]
+    torch.testing.assert_close(a, model.encode(b["image"], b["text_ids"], b["text_mask"])["hidden"])
+    out = model(b, "msm")
+    assert out["mask"].sum(1).eq(48).all()
