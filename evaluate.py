@@ -1,0 +1,352 @@
+"""Evaluation for EVE: the official metrics as pure functions, and a command line that scores prediction files.
+
+Metrics (standard library + numpy only; this part never imports torch, the model or the data code):
+  normalize_vqa_answer, vqa_score, vqa_accuracy   VQA v2, as GT-Vision-Lab/VQA vqaEval.py (current master)
+  retrieval_recall                                 image-text retrieval R@1/5/10, as ALBEF's itm_eval
+  nlvr2_accuracy, nlvr2_consistency                NLVR2, as lil-lab/nlvr nlvr2/eval/metrics.py
+
+Score a predictions file (prints a table; --json prints one JSON object, the metrics, as the last line):
+  python evaluate.py --task vqa --predictions vqa_preds.json --annotations vqa_val.json --json
+  python evaluate.py --task nlvr2 --predictions nlvr2_preds.json --annotations nlvr_dev.json
+"""
+
+import argparse
+import json
+import re
+from collections import defaultdict
+
+import numpy as np
+
+# ----------------------------------------------------------------------------- VQA v2
+# The tables of the official evaluation. Number words become digits ("none" counts as zero).
+_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_NUMBERS["none"] = "0"
+_ARTICLES = {"a", "an", "the"}
+# Words written without their apostrophe, as key:value. Lookup happens after lowercasing, so the official
+# table's capitalised keys (Im, Ive, Id've, I'dve) never fire, and "somebody'd" really maps to "somebodyd".
+_CONTRACTIONS = dict(kv.split(":") for kv in """
+aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't couldn'tve:couldn't've couldnt've:couldn't've
+didnt:didn't doesnt:doesn't dont:don't hadnt:hadn't hadnt've:hadn't've hadn'tve:hadn't've hasnt:hasn't havent:haven't
+hed:he'd hed've:he'd've he'dve:he'd've hes:he's howd:how'd howll:how'll hows:how's Id've:I'd've I'dve:I'd've Im:I'm
+Ive:I've isnt:isn't itd:it'd itd've:it'd've it'dve:it'd've itll:it'll let's:let's maam:ma'am mightnt:mightn't
+mightnt've:mightn't've mightn'tve:mightn't've mightve:might've mustnt:mustn't mustve:must've neednt:needn't
+notve:not've oclock:o'clock oughtnt:oughtn't ow's'at:'ow's'at 'ows'at:'ow's'at 'ow'sat:'ow's'at shant:shan't
+shed've:she'd've she'dve:she'd've she's:she's shouldve:should've shouldnt:shouldn't shouldnt've:shouldn't've
+shouldn'tve:shouldn't've somebody'd:somebodyd somebodyd've:somebody'd've somebody'dve:somebody'd've
+somebodyll:somebody'll somebodys:somebody's someoned:someone'd someoned've:someone'd've someone'dve:someone'd've
+someonell:someone'll someones:someone's somethingd:something'd somethingd've:something'd've
+something'dve:something'd've somethingll:something'll thats:that's thered:there'd thered've:there'd've
+there'dve:there'd've therere:there're theres:there's theyd:they'd theyd've:they'd've they'dve:they'd've
+theyll:they'll theyre:they're theyve:they've twas:'twas wasnt:wasn't wed've:we'd've we'dve:we'd've weve:we've
+werent:weren't whatll:what'll whatre:what're whats:what's whatve:what've whens:when's whered:where'd wheres:where's
+whereve:where've whod:who'd whod've:who'd've who'dve:who'd've wholl:who'll whos:who's whove:who've whyll:why'll
+whyre:why're whys:why's wont:won't wouldve:would've wouldnt:wouldn't wouldnt've:wouldn't've wouldn'tve:wouldn't've
+yall:y'all yall'll:y'all'll y'allll:y'all'll yall'd've:y'all'd've y'alld've:y'all'd've y'all'dve:y'all'd've
+youd:you'd youd've:you'd've you'dve:you'd've youll:you'll youre:you're youve:you've""".split())
+_PUNCT = ';/[]"{}()=+\\_-><@`,?!'  # the official list; "'" and ":" are kept, "." has its own rule
+_NUM_COMMA = re.compile(r"\d,\d")  # a comma inside a number, as in "1,000"
+_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit: "2." loses it, "2.5" keeps it
+
+
+def _process_punctuation(text: str) -> str:
+    """The official processPunctuation.
+
+    Each character of _PUNCT is deleted where it touches a space somewhere in the text ("red, white") or where
+    the text holds a comma between digits anywhere ("1,000" -> "1000", "10,000-20,000" -> "1000020000");
+    otherwise each occurrence becomes a space ("t-shirt" -> "t shirt"). These tests look at the original
+    text, not the partly processed one. Then periods not followed by a digit are deleted. The official
+    pattern "(?!<=\\d)(\\.)(?!\\d)" starts with a mistyped look-behind that never rejects anything, and its call
+    passes re.UNICODE (= 32) as sub's `count`: only the first 32 such periods go. Both reproduced.
+    """
+    num_comma = _NUM_COMMA.search(text) is not None
+    out = text
+    for p in _PUNCT:
+        out = out.replace(p, "" if (num_comma or p + " " in text or " " + p in text) else " ")
+    return _PERIOD.sub("", out, count=32)
+
+
+def _process_digit_article(text: str) -> str:
+    """The official processDigitArticle: lowercase, split, number words -> digits, drop articles, contractions."""
+    words = [_NUMBERS.get(w, w) for w in text.lower().split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def normalize_vqa_answer(answer: str) -> str:
+    """What the official evaluation does to a predicted answer: '\\n' and '\\t' become spaces, the ends are
+    trimmed, then punctuation (_process_punctuation), then digits/articles/contractions."""
+    text = answer.replace("\n", " ").replace("\t", " ").strip()
+    return _process_digit_article(_process_punctuation(text))
+
+
+def vqa_score(prediction: str, human_answers: list[str]) -> float:
+    """Accuracy of one answer in [0, 1]: the mean over the n leave-one-out subsets of the human answers of
+    min(1, matches in the subset / 3); with 10 answers, 0/1/2/3/4+ matches give 0, 0.3, 0.6, 0.9, 1.0.
+
+    As the official code: the prediction is fully normalised; the human answers are left as they are when
+    they all agree, and only get _process_punctuation (no lowercasing, number words or articles) when they
+    differ. One human answer (VG-style rows; the official formula would always give 0) is outside the
+    official rules: there both sides are normalised and compared, 1.0 or 0.0.
+    """
+    if not human_answers:
+        raise ValueError("vqa_score: no human answers")
+    pred = normalize_vqa_answer(prediction)
+    if len(human_answers) == 1:
+        return float(pred == normalize_vqa_answer(human_answers[0]))
+    gts = list(human_answers)
+    if len(set(gts)) > 1:
+        gts = [_process_punctuation(a) for a in gts]
+    hits = [g == pred for g in gts]
+    m = sum(hits)  # leaving answer i out leaves m - hits[i] matching answers
+    return sum(min(1.0, (m - h) / 3) for h in hits) / len(hits)
+
+
+def _human_answers(row: dict, i: int) -> list[str]:
+    """"answer": [str, ...] or str (ALBEF/X-VLM format), or the official "answers": [{"answer": str}, ...]."""
+    answers = row.get("answer", row.get("answers"))
+    if isinstance(answers, str):
+        answers = [answers]
+    if isinstance(answers, list):
+        answers = [a.get("answer") if isinstance(a, dict) else a for a in answers]
+    if not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"annotations row {i}: no human answers (expected 'answer': [str, ...] or str)")
+    return answers
+
+
+def vqa_accuracy(predictions: list[dict], annotations: list[dict]) -> dict:
+    """VQA accuracy over the annotated questions, in percent at full precision (the official tool rounds to 2
+    decimals; print with :.2f). A question without a prediction scores 0 and counts in "missing";
+    predictions for questions not in the annotations count in "unknown"; repeated predictions for one
+    question (e.g. from a padded distributed sampler) count in "duplicates" and the first one is used.
+    Question ids are compared as strings, so 7 and "7" match. per_type holds the same percentage per
+    "answer_type" and per "question_type" for the rows that carry them.
+    """
+    answers = {}
+    for i, row in enumerate(predictions):
+        if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("answer"), str):
+            raise ValueError(f"predictions row {i}: expected {{'question_id': ..., 'answer': str}}")
+        answers.setdefault(str(row["question_id"]), row["answer"])
+    scores, seen, missing = [], set(), 0
+    by_type = defaultdict(lambda: defaultdict(list))  # "answer_type" -> type -> scores
+    for i, row in enumerate(annotations):
+        if not isinstance(row, dict) or "question_id" not in row:
+            raise ValueError(f"annotations row {i}: no 'question_id'")
+        qid = str(row["question_id"])
+        if qid in seen:
+            raise ValueError(f"annotations row {i}: question_id {qid} appears twice")
+        seen.add(qid)
+        humans = _human_answers(row, i)
+        missing += qid not in answers
+        s = vqa_score(answers[qid], humans) if qid in answers else 0.0
+        scores.append(s)
+        for kind in ("answer_type", "question_type"):
+            if kind in row:
+                by_type[kind][str(row[kind])].append(s)
+    if not scores:
+        raise ValueError("annotations: no questions")
+    pct = lambda xs: 100.0 * sum(xs) / len(xs)  # noqa: E731
+    return {"vqa_accuracy": pct(scores), "per_type": {k: {t: pct(v) for t, v in d.items()} for k, d in by_type.items()},
+            "n": len(scores), "missing": missing, "unknown": len(set(answers) - seen),
+            "duplicates": len(predictions) - len(answers)}
+
+
+# ----------------------------------------------------------------------------- retrieval
+def _target_ranks(scores: np.ndarray, rows: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """0-based rank of scores[rows[p], targets[p]] in its row sorted descending, for every pair p.
+    Ties as np.argsort(row, kind="stable")[::-1]: among equal scores the LATER column ranks first, so the rank
+    is (#greater) + (#equal in later columns); no sort needed. Chunks of rows bound the memory."""
+    out = np.empty(len(rows), dtype=np.int64)
+    cols = np.arange(scores.shape[1])
+    step = max(1, (1 << 22) // max(1, scores.shape[1]))
+    for s in range(0, len(rows), step):
+        r, t = rows[s:s + step], targets[s:s + step]
+        block = scores[r]  # (P, N)
+        target = block[np.arange(len(r)), t][:, None]  # (P, 1)
+        out[s:s + step] = (block > target).sum(1) + ((block == target) & (cols > t[:, None])).sum(1)
+    return out
+
+
+def retrieval_recall(scores_i2t: np.ndarray, scores_t2i: np.ndarray, img2txt: list[list[int]],
+                     txt2img: list[int]) -> dict:
+    """ALBEF's itm_eval. scores_i2t: [N_img, N_txt], scores_t2i: [N_txt, N_img]; img2txt[i] lists image i's
+    captions, txt2img[t] is caption t's image. An image's rank is the best rank of any of its captions in
+    its row (an image without captions is never found, like ALBEF's rank 1e20); a caption's rank is that
+    of its image in its row. R@k = percent of ranks < k. Keys: txt_r1/5/10 and txt_r_mean (image->text),
+    img_r1/5/10 and img_r_mean (text->image), r_mean (mean of the six).
+
+    Ties: ALBEF ranks by np.argsort(score)[::-1], so among equal scores the later index ranks first; that
+    holds exactly for a stable sort, which is what is used here. (numpy's default sort is not stable on
+    long rows, so ALBEF's own tie order there is arbitrary; exact ties are rare with float scores.)
+    """
+    s_i2t, s_t2i = np.asarray(scores_i2t, dtype=np.float64), np.asarray(scores_t2i, dtype=np.float64)
+    if s_i2t.ndim != 2 or s_t2i.shape != s_i2t.shape[::-1]:
+        raise ValueError(f"scores_i2t {s_i2t.shape}, scores_t2i {s_t2i.shape}: need [N_img, N_txt], [N_txt, N_img]")
+    n_img, n_txt = s_i2t.shape
+    if len(img2txt) != n_img or len(txt2img) != n_txt or n_img == 0 or n_txt == 0:
+        raise ValueError(f"need len(img2txt) == {n_img} and len(txt2img) == {n_txt}, both > 0")
+    if np.isnan(s_i2t).any() or np.isnan(s_t2i).any():
+        raise ValueError("retrieval scores contain NaN")
+    pair_img = np.array([i for i, caps in enumerate(img2txt) for _ in caps], dtype=np.int64)
+    pair_txt = np.array([c for caps in img2txt for c in caps], dtype=np.int64)
+    t2i = np.asarray(txt2img, dtype=np.int64)
+    if (pair_txt < 0).any() or (pair_txt >= n_txt).any() or (t2i < 0).any() or (t2i >= n_img).any():
+        raise ValueError("img2txt/txt2img hold an index outside the score matrices")
+    img_rank = np.full(n_img, np.inf)
+    np.minimum.at(img_rank, pair_img, _target_ranks(s_i2t, pair_img, pair_txt))  # best caption per image
+    txt_rank = _target_ranks(s_t2i, np.arange(n_txt), t2i)
+    out = {}
+    for side, ranks in (("txt", img_rank), ("img", txt_rank)):
+        for k in (1, 5, 10):
+            out[f"{side}_r{k}"] = 100.0 * float(np.mean(ranks < k))
+        out[f"{side}_r_mean"] = (out[f"{side}_r1"] + out[f"{side}_r5"] + out[f"{side}_r10"]) / 3
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out
+
+
+# ----------------------------------------------------------------------------- NLVR2
+def nlvr2_accuracy(predictions: list, labels: list[int]) -> float:
+    """Percent of predictions equal to their label (0/1); a None prediction (missing) counts as wrong."""
+    if len(predictions) != len(labels) or not labels:
+        raise ValueError(f"nlvr2: {len(predictions)} predictions for {len(labels)} labels")
+    return 100.0 * sum(p == y for p, y in zip(predictions, labels)) / len(labels)
+
+
+def nlvr2_consistency(identifiers: list[str] | None, predictions: list, labels: list[int]) -> float | None:
+    """Percent of sentences whose every example is predicted correctly, as the official NLVR2 script.
+
+    An identifier is split-setid-pairid-sentenceid ("dev-850-0-0"); the official script blanks the THIRD
+    field (the image pair), so a group is split + set id + sentence id: "dev-850-0-0" and "dev-850-1-0"
+    share a sentence, "dev-850-0-1" is another. None when any identifier is missing.
+    """
+    if not identifiers or not all(isinstance(x, str) and x for x in identifiers):
+        return None
+    if not len(identifiers) == len(predictions) == len(labels):
+        raise ValueError("nlvr2_consistency: identifiers, predictions and labels differ in length")
+    groups: dict[tuple, bool] = {}
+    for i, (ident, p, y) in enumerate(zip(identifiers, predictions, labels)):
+        parts = ident.split("-")
+        if len(parts) < 3:
+            raise ValueError(f"row {i}: identifier {ident!r} is not like 'dev-850-0-0'")
+        key = tuple(parts[:2] + parts[3:])
+        groups[key] = groups.get(key, True) and p == y
+    return 100.0 * sum(groups.values()) / len(groups)
+
+
+# ----------------------------------------------------------------------------- command line: prediction files
+def _read_rows(path: str, what: str) -> list[dict]:
+    """A JSON list of objects from `path` (also JSON lines, and the official VQA {"annotations": [...]});
+    every error names the file and, where it applies, the row."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"{what} file {path}: cannot read it ({e.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        try:  # JSON lines, as NLVR2's own release
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            raise ValueError(f"{what} file {path}: not valid JSON ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        data = data["annotations"]
+    if not isinstance(data, list):
+        raise ValueError(f"{what} file {path}: expected a JSON list of rows, got a {type(data).__name__}")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise ValueError(f"{what} file {path} row {i}: expected an object, got {type(row).__name__}")
+    return data
+
+
+def _require(rows: list[dict], keys: tuple, path: str, what: str) -> None:
+    for i, row in enumerate(rows):
+        for key in keys:
+            if key not in row:
+                raise ValueError(f"{what} file {path} row {i}: no '{key}'")
+
+
+def _as_label(value, where: str) -> int:
+    """NLVR2 labels and predictions: "True"/"False" (any case), true/false or 1/0 -> 1/0."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return int(value.strip().lower() == "true")
+    if isinstance(value, (bool, int)) and value in (0, 1):
+        return int(value)
+    raise ValueError(f"{where}: expected True or False, got {value!r}")
+
+
+def _files(args, parser) -> tuple[list[dict], list[dict]]:
+    if not args.predictions or not args.annotations:
+        parser.error(f"--task {args.task} needs --predictions and --annotations")
+    return _read_rows(args.predictions, "predictions"), _read_rows(args.annotations, "annotations")
+
+
+def score_vqa_files(args, parser) -> tuple[dict, list]:
+    preds, anns = _files(args, parser)
+    _require(preds, ("question_id", "answer"), args.predictions, "predictions")
+    _require(anns, ("question_id",), args.annotations, "annotations")
+    try:
+        m = vqa_accuracy(preds, anns)
+    except ValueError as e:  # name both files: the message says which of them and which row
+        raise ValueError(f"scoring {args.predictions} against {args.annotations}: {e}") from None
+    table = [("VQA accuracy", f"{m['vqa_accuracy']:.2f}")]
+    table += [(f"  {t}", f"{v:.2f}") for t, v in sorted(m["per_type"].get("answer_type", {}).items())]
+    return m, table + [(k, str(m[k])) for k in ("n", "missing", "unknown", "duplicates")]
+
+
+def score_nlvr2_files(args, parser) -> tuple[dict, list]:
+    """Predictions [{"identifier" or "index", "prediction": "True"/"False"}] are matched to the annotation
+    rows by "identifier" when the row has one, else by "index" (0-based annotation row), else by their own
+    position in the file. Unmatched predictions count in "unknown"; rows without one count as wrong, in "missing"."""
+    preds, anns = _files(args, parser)
+    _require(preds, ("prediction",), args.predictions, "predictions")
+    _require(anns, ("label",), args.annotations, "annotations")
+    labels = [_as_label(r["label"], f"annotations file {args.annotations} row {i}") for i, r in enumerate(anns)]
+    ids = [r.get("identifier") for r in anns]
+    row_of = {x: i for i, x in enumerate(ids) if x is not None}
+    guess, unknown = [None] * len(anns), 0
+    for j, row in enumerate(preds):
+        where = f"predictions file {args.predictions} row {j}"
+        i = row_of.get(row["identifier"]) if "identifier" in row else row.get("index", j)
+        if i is not None and (not isinstance(i, int) or isinstance(i, bool)):
+            raise ValueError(f"{where}: 'index' must be an integer, got {i!r}")
+        if i is None or not 0 <= i < len(anns) or guess[i] is not None:
+            unknown += 1
+            continue
+        guess[i] = _as_label(row["prediction"], where)
+    m = {"nlvr2_accuracy": nlvr2_accuracy(guess, labels), "nlvr2_consistency": nlvr2_consistency(ids, guess, labels),
+         "n": len(anns), "missing": guess.count(None), "unknown": unknown}
+    cons = "n/a (no identifiers)" if m["nlvr2_consistency"] is None else f"{m['nlvr2_consistency']:.2f}"
+    table = [("NLVR2 accuracy", f"{m['nlvr2_accuracy']:.2f}"), ("NLVR2 consistency", cons)]
+    return m, table + [(k, str(m[k])) for k in ("n", "missing", "unknown")]
+
+
+# task -> function(args, parser) returning (metrics dict, table rows); add tasks here
+TASKS = {"vqa": score_vqa_files, "nlvr2": score_nlvr2_files}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, choices=list(TASKS), help="which benchmark to score")
+    parser.add_argument("--predictions", help="predictions JSON: vqa [{question_id, answer}], "
+                        "nlvr2 [{identifier or index, prediction}]")
+    parser.add_argument("--annotations", help="annotations JSON (ALBEF format; official VQA files work too)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object with the metrics instead of a table")
+    return parser
+
+
+def main(argv=None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        metrics, table = TASKS[args.task](args, parser)
+    except ValueError as e:  # bad data or paths: a message naming the file and row, exit code 2
+        parser.error(str(e))
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        width = max(len(k) for k, _ in table)
+        print("\n".join(f"{k:<{width}}  {v}" for k, v in table))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
