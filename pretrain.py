@@ -1,0 +1,214 @@
+"""Pre-train EVE by masked signal modeling (or the ITC+ITM baseline it is compared with).
+
+CPU, the tiny preset on the built-in shapes world (generated on first use):
+    python pretrain.py
+One GPU, the base preset on your own data (ALBEF-style JSON, a BERT vocab.txt):
+    python pretrain.py --preset base --train-json pretrain.json --image-root /data/images --vocab vocab.txt
+Several GPUs (one node), or CPU processes with Gloo:
+    torchrun --standalone --nproc_per_node=4 pretrain.py --preset base ...
+Several nodes: torchrun --nnodes=2 --node_rank=R --rdzv_endpoint=HOST:PORT --nproc_per_node=8 pretrain.py ...
+The baseline and the ablations:
+    python pretrain.py --objective itc_itm          # or msm+itc_itm, itc_itm+mlm
+    python pretrain.py --top-ffn dense --ffn dense  # or --no-modality-routing, --num-experts 4, --top-k 1, ...
+Resume: python pretrain.py --resume auto (last.pt of --out-dir) or --resume PATH.
+
+MSM has no in-batch negatives, so gradient accumulation over k micro-batches equals one
+k-times larger batch exactly (up to the per-batch loss means); ITC's negatives are per
+micro-batch, so for itc_itm accumulation is an approximation.
+"""
+import argparse
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+import data
+import training
+from masking import mask_text, patchify, unpatchify
+from model import EVE, EVEConfig, make_config
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"  # model preset: tiny | small | base | large
+    objective: str = "msm"  # msm | itc_itm | msm+itc_itm | itc_itm+mlm
+    data_dir: str = "data/shapes"  # shapes world folder, generated when absent
+    train_json: str = ""  # your own pre-training JSON (else the shapes world's)
+    image_root: str = ""  # folder the JSON's image paths are relative to (default: the JSON's folder)
+    vocab: str = ""  # BERT-style vocab.txt (default: the shapes world's)
+    out_dir: str = "runs/pretrain"  # checkpoints, metrics.jsonl and pictures
+    max_steps: int = 600  # optimizer steps
+    batch_size: int = 64  # per process and micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.01  # final LR as a share of the peak
+    warmup_steps: int = 50  # linear warm-up
+    weight_decay: float = 0.05  # AdamW decay on matrices only
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    text_mask_ratio: float = 0.5  # share of real text tokens masked
+    bert_replace: bool = False  # BERT's 80/10/10 replacement of masked tokens
+    augment: bool = True  # mild crop and left/right-swapping flip
+    dtype: str = "auto"  # auto (bf16 on GPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model
+    num_workers: int = 2  # data loader processes
+    seed: int = 0  # data order, masks and init
+    log_every: int = 10  # steps between metrics.jsonl records
+    save_every: int = 200  # steps between checkpoints
+    picture_every: int = 200  # steps between PNG pictures
+    keep_last: int = 3  # checkpoints kept
+    resume: str = ""  # auto | path of a checkpoint
+    skip_bad: bool = False  # skip and count bad rows/images instead of stopping
+
+
+def build_data(tc, rank, world):
+    """The tokenizer and the loader of the pre-training pairs."""
+    if tc.train_json:
+        json_path = Path(tc.train_json)
+        image_root = tc.image_root or json_path.parent
+        if not tc.vocab:
+            raise SystemExit("error: --train-json needs --vocab (a BERT vocab.txt)")
+        vocab = tc.vocab
+    else:
+        paths = shapes_world(tc.data_dir, rank, world)
+        json_path, image_root, vocab = paths["pretrain"], paths["root"], tc.vocab or paths["vocab"]
+    if not Path(vocab).is_file():
+        raise SystemExit(f"error: --vocab {vocab}: no such file")
+    tokenizer = data.WordPieceTokenizer.from_file(vocab)
+    return tokenizer, json_path, image_root
+
+
+def shapes_world(folder, rank, world):
+    """The shapes world's files, written by rank 0 if absent while the other ranks wait."""
+    if rank == 0:
+        data.ensure_shapes_world(folder)
+    if world > 1:
+        torch.distributed.barrier()
+    return data.ensure_shapes_world(folder)  # present now: only checks the manifest
+
+
+def masked_text_batch(batch, tokenizer, tc):
+    ids, labels = mask_text(batch["text_ids"], tokenizer.special_ids, tokenizer.mask_id, len(tokenizer),
+                            tc.text_mask_ratio, tc.bert_replace)
+    return {**batch, "mlm_ids": ids, "mlm_labels": labels}
+
+
+# ---- pictures ----------------------------------------------------------------------------
+
+def to_pil(img):
+    """[3, H, W] normalised tensor -> PIL image."""
+    arr = (data.denormalize(img.float().cpu()).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(arr)
+
+
+def save_reconstruction(path, images, pred, mask, cfg, n=8):
+    """PNG grid, one row per image: original | masked (removed patches grey) | reconstruction
+    (visible patches pasted back, as MAE shows it)."""
+    images, pred, mask = images[:n].float().cpu(), pred[:n].float().cpu(), mask[:n].float().cpu()
+    p = cfg.patch_size
+    target = patchify(images, p)
+    if cfg.norm_pix_loss:  # the prediction is in per-patch normalised units: undo with the true stats
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        pred = pred * (var + 1e-6) ** 0.5 + mean
+    m = mask.unsqueeze(-1)
+    masked = unpatchify(target * (1 - m), p)  # removed patches become 0 = mid grey
+    recon = unpatchify(pred * m + target * (1 - m), p)
+    S = cfg.image_size
+    grid = Image.new("RGB", (3 * S + 4, len(images) * (S + 2)), "white")
+    for i in range(len(images)):
+        for j, t in enumerate((images[i], masked[i], recon[i])):
+            grid.paste(to_pil(t), (j * (S + 2), i * (S + 2)))
+    grid = grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST)
+    grid.save(path)
+
+
+def save_expert_usage(path, load):
+    """PNG bar chart per MoE layer: share of vision (blue) and text (orange) assignments per expert."""
+    rows, W, bar_h = len(load), 640, 90
+    img = Image.new("RGB", (W, rows * (bar_h + 30) + 10), "white")
+    draw = ImageDraw.Draw(img)
+    for r, layer in enumerate(load):  # layer: (2, E) counts
+        layer = layer.float().cpu()
+        share = layer / layer.sum(1, keepdim=True).clamp(min=1)  # each modality sums to 1
+        E = layer.shape[1]
+        top = r * (bar_h + 30) + 20
+        draw.text((5, top - 15), f"MoE layer {r}: share of vision (blue) / text (orange) assignments per expert", fill="black")
+        slot = (W - 20) / E
+        peak = max(share.max().item(), 1e-9)
+        for e in range(E):
+            for m, colour in enumerate(("#3b6fd4", "#e8892b")):
+                h = share[m, e].item() / peak * bar_h
+                x0 = 10 + e * slot + m * slot / 2
+                draw.rectangle([x0, top + bar_h - h, x0 + slot / 2 - 1, top + bar_h], fill=colour)
+    img.save(path)
+
+
+# ---- the run -----------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    training.add_dataclass_args(parser, TrainConfig)
+    training.add_dataclass_args(parser, EVEConfig, defaults=False, title="model (defaults: the preset's)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Parse flags, set up DDP, pre-train; returns the trained model (handy in a notebook)."""
+    args = parse_args(argv)
+    tc = TrainConfig(**training.pick_fields(args, TrainConfig))
+    rank, world, _, device = training.setup_distributed(tc.seed)
+    try:
+        return run(tc, training.pick_fields(args, EVEConfig, skip_none=True), rank, world, device)
+    finally:
+        training.cleanup_distributed()
+
+
+def run(tc, model_overrides, rank, world, device):
+    tokenizer, json_path, image_root = build_data(tc, rank, world)
+    ckpt_path = training.find_checkpoint(tc.resume, tc.out_dir)
+    ckpt = training.load_checkpoint(ckpt_path) if ckpt_path else None
+    if ckpt:  # the run's model is the checkpoint's; flags cannot change it midway
+        cfg = EVEConfig(**ckpt["config"])
+        if ckpt["vocab"] != tokenizer.vocab:
+            raise SystemExit(f"error: {ckpt_path} was trained with another vocabulary than {tc.vocab or 'the shapes world'}")
+    else:
+        cfg = make_config(tc.preset, **{"vocab_size": len(tokenizer), **model_overrides})
+    if cfg.vocab_size != len(tokenizer):
+        raise SystemExit(f"error: the model has vocab_size={cfg.vocab_size} but {tc.vocab or 'the vocabulary'} has {len(tokenizer)} tokens")
+    dataset = data.PretrainDataset(json_path, image_root, cfg.image_size, augment=tc.augment, seed=tc.seed, skip_bad=tc.skip_bad)
+    loader = data.make_loader(dataset, tc.batch_size, data.Collator(tokenizer, cfg.max_text_len), shuffle=True,
+                              seed=tc.seed, num_workers=tc.num_workers, drop_last=True, distributed=world > 1)
+    if len(loader) < tc.grad_accum:
+        raise SystemExit(f"error: {json_path} has {len(dataset)} pairs, fewer than one step of {tc.batch_size * tc.grad_accum * world}")
+
+    model = EVE(cfg).to(device)
+    model.freeze_unused_heads(tc.objective)  # DDP then needs no find_unused_parameters
+    opt, sched = training.make_optimizer(model, tc)
+    step = training.restore(ckpt, ckpt_path, model, opt, sched, rank, world) if ckpt else 0
+    if rank == 0:
+        print(cfg)
+        print(f"{len(dataset)} pairs, {len(loader) // tc.grad_accum} steps per epoch, objective {tc.objective}, "
+              f"device {device}, {world} process(es)" + (f", resumed from {ckpt_path} at step {step}" if ckpt else ""))
+    out_dir = Path(tc.out_dir)
+
+    def pictures(step, batch, out):
+        if rank == 0 and (step % tc.picture_every == 0 or step == tc.max_steps):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if "pred" in out:
+                save_reconstruction(out_dir / f"recon_{step:07d}.png", batch["image"], out["pred"], out["mask"], cfg)
+            if "moe_load" in out:
+                save_expert_usage(out_dir / f"experts_{step:07d}.png", out["moe_load"])
+
+    t0 = time.time()
+    step = training.fit(model, loader, opt, sched, tc, tc.objective, device, rank, world, step,
+                        prepare=lambda b: masked_text_batch(b, tokenizer, tc), after_step=pictures,
+                        extra_state=lambda: dict(config=asdict(cfg), train_config=asdict(tc), vocab=tokenizer.vocab),
+                        desc="pretrain")
+    if rank == 0 and step >= tc.max_steps:
+        print(f"done: {step} steps in {time.time() - t0:.0f}s; checkpoint {out_dir / 'last.pt'}, log {out_dir / 'metrics.jsonl'}")
+    return model
+
+
+if __name__ == "__main__":
+    main()
