@@ -20,6 +20,10 @@ from masking import block_masking, patchify, random_masking
 from moe import MoE
 
 VISION, TEXT = 0, 1  # modality ids
+# what each task part uses beyond the encoder (model attribute names)
+TASK_HEADS = {"msm": ("decoder", "mlm_transform", "mlm_bias"), "mlm": ("mlm_transform", "mlm_bias"),
+              "itc_itm": ("itc_image", "itc_text", "temp", "pooler", "itm_head"),
+              "vqa": ("vqa_head",), "nlvr2": ("nlvr2_head",)}
 
 
 def drop_path(x, p, training):
@@ -281,6 +285,14 @@ class EVE(nn.Module):
         if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
+    def freeze_unused_heads(self, task):
+        """Freeze the heads that `task` never uses, so that DDP finds no unused parameters
+        (no find_unused_parameters needed) and the optimizer leaves them alone."""
+        used = {h for part in task.split("+") for h in TASK_HEADS.get(part, ())}
+        for head in {h for heads in TASK_HEADS.values() for h in heads} - used:
+            if hasattr(self, head):
+                getattr(self, head).requires_grad_(False)
+
     # ---- encoder -------------------------------------------------------------------
 
     def embed_image(self, images, mask_ratio=0.0):
@@ -466,3 +478,11 @@ class EVE(nn.Module):
     def loss_nlvr2(self, batch):
         logits, stats = self.nlvr2_logits(batch["image0"], batch["image1"], batch["text_ids"], batch["text_mask"])
         return {"loss_nlvr2": F.cross_entropy(logits.float(), batch["label"]), "logits": logits.detach()}, stats, 2
+
+
+if __name__ == "__main__":  # python model.py: the presets and their parameter counts
+    for name, preset in PRESETS.items():
+        total, active = preset.param_counts()
+        print(f"{name:6s} {preset.image_size}px/{preset.patch_size} width {preset.dim} depth {preset.depth} "
+              f"experts {preset.num_experts} (top-{preset.top_k}, top {preset.top_layers} layers): "
+              f"{total / 1e6:.1f}M total, {active / 1e6:.1f}M activated per token")
