@@ -557,6 +557,11 @@ def read_json_rows(path, required, skip_bad=False, optional=None, check=None):
     return rows, skipped
 
 
+class Skip(str):
+    """What a dataset returns instead of an item whose image failed to load under skip_bad: the
+    reason travels with the batch (also out of worker processes) and the training loop counts it."""
+
+
 class _JsonImageDataset(Dataset):
     """Shared by all readers: the validated rows, the image root and image loading with row errors."""
     required, optional = {}, {}
@@ -575,9 +580,8 @@ class _JsonImageDataset(Dataset):
         return len(self.rows)
 
     def _image(self, index, relative, crop=None, flip=False):
-        """The image as a tensor, or None when skip_bad and it is missing or unreadable. (Without
-        skip_bad, index is the row number in the file. With worker processes, these skips are
-        counted in the workers' copies of `skipped`.)"""
+        """The image as a tensor, or a Skip when skip_bad and it is missing or unreadable. (Without
+        skip_bad, index is the row number in the file.)"""
         path = self.image_root / relative
         try:
             if not path.is_file():
@@ -586,8 +590,7 @@ class _JsonImageDataset(Dataset):
         except DataError as e:
             if not self.skip_bad:
                 raise DataError(f"{self.json_name} row {index}: {e}") from None
-            self.skipped["image not found" if not path.is_file() else "unreadable image"] += 1
-            return None
+            return Skip("image not found" if not path.is_file() else "unreadable image")
 
 
 def _captions_of(row):
@@ -618,7 +621,7 @@ class PretrainDataset(_JsonImageDataset):
             flip = rng.random() < 0.5
             text = swap_left_right(text) if flip else text  # "left of" must stay true after the flip
         image = self._image(index, row["image"], crop, flip)
-        return None if image is None else {"image": image, "text": text, "index": index}
+        return image if isinstance(image, Skip) else {"image": image, "text": text, "index": index}
 
 
 class RetrievalTrainDataset(_JsonImageDataset):
@@ -635,7 +638,7 @@ class RetrievalTrainDataset(_JsonImageDataset):
     def __getitem__(self, index):
         row = self.rows[index]
         image = self._image(index, row["image"])
-        return None if image is None else {
+        return image if isinstance(image, Skip) else {
             "image": image, "text": row["caption"], "image_id": self.image_ids[row["image_id"]]}
 
 
@@ -655,7 +658,7 @@ class RetrievalEvalDataset(_JsonImageDataset):
     def __getitem__(self, index):
         row = self.rows[index]
         image = self._image(index, row["image"])
-        return None if image is None else {"image": image, "index": index}
+        return image if isinstance(image, Skip) else {"image": image, "index": index}
 
 
 class VQADataset(_JsonImageDataset):
@@ -679,7 +682,7 @@ class VQADataset(_JsonImageDataset):
         row = self.rows[index]
         answers = row.get("answer", [])
         image = self._image(index, row["image"])
-        return None if image is None else {
+        return image if isinstance(image, Skip) else {
             "image": image, "text": row["question"], "question_id": row["question_id"],
             "answers": [answers] if isinstance(answers, str) else list(answers)}
 
@@ -700,26 +703,26 @@ class NLVR2Dataset(_JsonImageDataset):
     def __getitem__(self, index):
         row = self.rows[index]
         images = [self._image(index, p) for p in row["images"]]
-        return None if any(x is None for x in images) else {
+        skips = [x for x in images if isinstance(x, Skip)]
+        return skips[0] if skips else {
             "image0": images[0], "image1": images[1], "text": row["sentence"],
             "label": int(row["label"] == "True"), "identifier": row.get("identifier", "")}
 
 
 # ----------------------------------------------------------------------------- batches and loaders
 class Collator:
-    """Items -> batch: drops Nones (failed images), stacks tensors, tokenizes and pads "text" into
-    text_ids (B, T) and text_mask (B, T; True on [CLS]..[SEP]), ints -> LongTensor, the rest lists.
-    Returns None when every item was dropped."""
+    """Items -> batch: stacks tensors, tokenizes and pads "text" into text_ids (B, T) and text_mask
+    (B, T; True on [CLS]..[SEP]), ints -> LongTensor, the rest lists. Skipped items are left out and
+    counted by reason in batch["skipped"]; a batch of skips only holds just that."""
 
     def __init__(self, tokenizer, max_len):
-        self.tokenizer, self.max_len, self.dropped = tokenizer, max_len, 0
+        self.tokenizer, self.max_len = tokenizer, max_len
 
     def __call__(self, items):
-        kept = [item for item in items if item is not None]
-        self.dropped += len(items) - len(kept)
+        kept = [item for item in items if not isinstance(item, Skip)]
+        batch = {"skipped": Counter(item for item in items if isinstance(item, Skip))}
         if not kept:
-            return None
-        batch = {}
+            return batch
         for key in kept[0]:
             values = [item[key] for item in kept]
             if key == "text":

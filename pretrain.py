@@ -160,6 +160,8 @@ def main(argv=None):
     rank, world, _, device = training.setup_distributed(tc.seed)
     try:
         return run(tc, training.pick_fields(args, EVEConfig, skip_none=True), rank, world, device)
+    except data.DataError as e:
+        raise training.data_error_exit(e) from None
     finally:
         training.cleanup_distributed()
 

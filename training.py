@@ -12,6 +12,7 @@ import random
 import re
 import signal
 import time
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -77,6 +78,13 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def data_error_exit(error):
+    """A data.DataError as one clean line. Raised in a loader worker, its message also carries the
+    worker's traceback, so only the last line (the error itself) is kept."""
+    line = str(error).strip().splitlines()[-1]
+    return SystemExit("error: " + re.sub(r"^[\w.]*DataError: ", "", line))
 
 
 def cleanup_distributed():
@@ -311,8 +319,10 @@ def fit(model, loader, opt, sched, tc, task, device, rank, world, step=0, prepar
         data.loader_set_epoch(loader, epoch)
         skip = (step % steps_per_epoch) * tc.grad_accum  # micro-batches this epoch has already done
         batches = itertools.islice(loader, skip, steps_per_epoch * tc.grad_accum)  # no tail shorter than grad_accum
+        skipped = Counter()
         for micro, batch in enumerate(batches, start=skip):
-            if batch is None:  # every item of it was a skipped bad row
+            skipped.update(batch.pop("skipped", {}))
+            if "text_ids" not in batch:  # every item of this batch was a skipped bad one
                 continue
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             batch = prepare(batch) if prepare else batch
@@ -351,11 +361,30 @@ def fit(model, loader, opt, sched, tc, task, device, rank, world, step=0, prepar
             if stop.requested():
                 if step % tc.save_every:
                     checkpoint()
+                warn_skips(skipped, loader.dataset, epoch, log)
                 bar.close()
                 if rank == 0:
                     print(f"\nstopped by signal at step {step}; continue with --resume auto --out-dir {out_dir}")
                 return step
             if step >= tc.max_steps:
                 break
+        warn_skips(skipped, loader.dataset, epoch, log)
     bar.close()
     return step
+
+
+def warn_skips(skipped, dataset, epoch, log):
+    """With --skip-bad: one warning per epoch counting what was left out and why (all ranks summed)."""
+    if dist.is_initialized():
+        counts = [None] * dist.get_world_size()
+        dist.all_gather_object(counts, skipped)
+        skipped = sum(counts, Counter())
+    at_read = getattr(dataset, "skipped", Counter())  # rows left out when the JSON was read
+    if not (skipped or at_read):
+        return
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tqdm.write(f"warning: epoch {epoch} skipped {sum(skipped.values())} bad items "
+                   f"({', '.join(f'{k}: {v}' for k, v in skipped.items()) or 'none'}); "
+                   f"{sum(at_read.values())} rows were left out when reading the data "
+                   f"({', '.join(f'{k}: {v}' for k, v in at_read.items()) or 'none'})")
+    log.write(epoch=epoch, skipped=dict(skipped), skipped_at_read=dict(at_read))

@@ -356,7 +356,7 @@ def test_reader_missing_and_corrupt_images(tmp_path, image_root, name):
         with pytest.raises(DataError, match=rf"^{name}\.json row 1: {problem}"):
             ds[1]
         ds = cls(path, image_root, 8, skip_bad=True)
-        assert ds[1] is None and ds.skipped == {problem.split(":")[0]: 1}
+        assert isinstance(ds[1], data.Skip) and ds[1] == problem.split(":")[0]
 
 
 def test_reader_file_level_errors(tmp_path, image_root):
@@ -421,21 +421,21 @@ def test_pretrain_flip_swaps_left_right_and_is_seeded(tmp_path):
 
 
 # ----------------------------------------------------------------------------- collate and loaders
-def test_collator_pads_masks_and_drops_none():
+def test_collator_pads_masks_and_counts_skips():
     tok = data.WordPieceTokenizer(VOCAB)
     collate = data.Collator(tok, max_len=5)
     items = [{"image": torch.zeros(3, 4, 4), "text": "hello", "label": 1, "identifier": "a", "answers": ["x"]},
-             None,
+             data.Skip("unreadable image"),
              {"image": torch.ones(3, 4, 4), "text": "hello world hello world", "label": 0, "identifier": "b",
               "answers": ["y", "z"]}]
     batch = collate(items)
-    assert collate.dropped == 1 and batch["image"].shape == (2, 3, 4, 4)
+    assert batch["skipped"] == {"unreadable image": 1} and batch["image"].shape == (2, 3, 4, 4)
     hello, world = VOCAB.index("hello"), VOCAB.index("world")
     assert batch["text_ids"].tolist() == [[2, hello, 3, 0, 0], [2, hello, world, hello, 3]]
     assert batch["text_mask"].tolist() == [[True, True, True, False, False], [True] * 5]
     assert batch["text_mask"].dtype == torch.bool and batch["label"].dtype == torch.long
     assert batch["identifier"] == ["a", "b"] and batch["answers"] == [["x"], ["y", "z"]]
-    assert collate([None]) is None and collate.dropped == 2
+    assert collate([data.Skip("image not found")] * 2) == {"skipped": {"image not found": 2}}
 
 
 class Numbers(torch.utils.data.Dataset):
