@@ -11,6 +11,7 @@ import os
 import random
 import re
 import signal
+import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -386,5 +387,5 @@ def warn_skips(skipped, dataset, epoch, log):
         tqdm.write(f"warning: epoch {epoch} skipped {sum(skipped.values())} bad items "
                    f"({', '.join(f'{k}: {v}' for k, v in skipped.items()) or 'none'}); "
                    f"{sum(at_read.values())} rows were left out when reading the data "
-                   f"({', '.join(f'{k}: {v}' for k, v in at_read.items()) or 'none'})")
+                   f"({', '.join(f'{k}: {v}' for k, v in at_read.items()) or 'none'})", file=sys.stderr)
     log.write(epoch=epoch, skipped=dict(skipped), skipped_at_read=dict(at_read))
