@@ -156,15 +156,20 @@ def all_rng_states():
     return states
 
 
+def atomic_save(state, path):
+    """torch.save to a temporary file, then rename: a kill never leaves a half-written file at path."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(out_dir, step, state, keep_last=3):
     """Write ckpt_<step>.pt atomically (temporary file, then rename), point last.pt at it, keep
     the newest keep_last. A kill at any moment leaves the previous checkpoints intact."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"ckpt_{step:07d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_save(state, path)
     link_tmp = out_dir / "last.pt.tmp"
     link_tmp.unlink(missing_ok=True)
     os.link(path, link_tmp)  # a second name for the same file: no second write
@@ -238,8 +243,12 @@ class StopSignal:
 
     def __init__(self):
         self.signum = None
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        """Hand the signals back: after training, Ctrl-C must stop an evaluation again."""
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def _handle(self, signum, frame):
         self.signum = signum
@@ -364,6 +373,7 @@ def fit(model, loader, opt, sched, tc, task, device, rank, world, step=0, prepar
                     checkpoint()
                 warn_skips(skipped, loader.dataset, epoch, log)
                 bar.close()
+                stop.restore()
                 if rank == 0:
                     print(f"\nstopped by signal at step {step}; continue with --resume auto --out-dir {out_dir}")
                 return step
@@ -371,6 +381,7 @@ def fit(model, loader, opt, sched, tc, task, device, rank, world, step=0, prepar
                 break
         warn_skips(skipped, loader.dataset, epoch, log)
     bar.close()
+    stop.restore()
     return step
 
 

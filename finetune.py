@@ -1,0 +1,312 @@
+"""Fine-tune EVE on VQA, NLVR2 or image-text retrieval: evaluate on val after every epoch, keep the best
+checkpoint, and score it on test at the end.
+
+CPU, from scratch on the built-in shapes world (generated on first use; 3-5 minutes each on 2 cores, which
+runs the whole pipeline but learns little more than the language prior: see DEFAULT_EPOCHS):
+    python finetune.py --task vqa          # or --task nlvr2, --task retrieval
+From a pre-trained checkpoint (the architecture and the vocabulary come from the checkpoint):
+    python pretrain.py && python finetune.py --task vqa --init runs/pretrain/last.pt
+One GPU, your own data in the ALBEF/X-VLM JSON formats:
+    python finetune.py --task vqa --init base.pt --train-json vqa_train.json --val-json vqa_val.json \\
+        --test-json vqa_test.json --image-root /data/coco --epochs 8 --batch-size 64 --lr 2e-5
+Several GPUs (one node), or CPU processes with Gloo:
+    torchrun --standalone --nproc_per_node=4 finetune.py --task retrieval --init base.pt ...
+Resume: --resume auto (last.pt of --out-dir). Score a result again: python evaluate.py --task vqa
+--checkpoint runs/finetune_vqa/best.pt --split test.
+
+Written to --out-dir (runs/finetune_<task>): metrics.jsonl (training, val after every epoch, test),
+best.pt (the best val score), last.pt (for resuming), results.json, <task>_<split>_predictions.json.
+Evaluation runs on rank 0 only, while the other ranks wait at a barrier.
+"""
+import argparse
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import data
+import evaluate
+import training
+from model import EVE, EVEConfig, make_config
+from pretrain import shapes_world
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = "vqa"  # vqa | nlvr2 | retrieval
+    init: str = ""  # pre-trained checkpoint to start from (pretrain.py's last.pt); empty = from scratch
+    preset: str = "tiny"  # model preset of a from-scratch run: tiny | small | base | large
+    data_dir: str = "data/shapes"  # shapes world folder, generated when absent
+    train_json: str = ""  # your own training JSON (then also --val-json and --test-json)
+    val_json: str = ""  # evaluated after every epoch; picks best.pt
+    test_json: str = ""  # evaluated once, with best.pt, at the end
+    image_root: str = ""  # folder the JSON's image paths are relative to (default: the train JSON's folder)
+    answer_list: str = ""  # VQA answer list JSON, used with --answer-vocab list (default: the shapes world's)
+    answer_vocab: str = "counts"  # VQA classes: counts (majority answers of >= min_answer_count questions) | list
+    min_answer_count: int = 9  # VQA answer threshold; 9 on VQA v2 train+val gives the usual 3,129 answers
+    vocab: str = ""  # BERT vocab.txt of a from-scratch run (an --init run uses the checkpoint's)
+    out_dir: str = ""  # checkpoints, metrics.jsonl, results.json (default: runs/finetune_<task>)
+    epochs: float = 0.0  # passes over the training data; 0 = the task's shapes-world default (DEFAULT_EPOCHS)
+    max_steps: int = 0  # optimizer steps; 0 = epochs x steps per epoch
+    batch_size: int = 32  # per process and micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 5e-4  # peak learning rate
+    min_lr_ratio: float = 0.01  # final LR as a share of the peak
+    warmup_steps: int = -1  # linear warm-up; -1 = a tenth of all steps
+    weight_decay: float = 0.05  # AdamW decay on matrices only
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    k_test: int = 16  # retrieval: ITM re-ranks each query's top k_test ITC candidates (ALBEF: 128/256); 0 = ITC only
+    dtype: str = "auto"  # auto (bf16 on GPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model
+    num_workers: int = 2  # data loader processes
+    seed: int = 0  # data order and new-head init
+    log_every: int = 10  # steps between metrics.jsonl records
+    save_every: int = 0  # steps between resume checkpoints; 0 = at the end of every epoch
+    keep_last: int = 2  # resume checkpoints kept
+    resume: str = ""  # auto | path of a checkpoint of this fine-tuning run
+    skip_bad: bool = False  # skip and count bad rows/images instead of stopping
+
+
+# what each benchmark trains, on which data
+TRAIN_OBJECTIVE = {"vqa": "vqa", "nlvr2": "nlvr2", "retrieval": "itc_itm"}
+TRAIN_SETS = {"vqa": data.VQADataset, "nlvr2": data.NLVR2Dataset, "retrieval": data.RetrievalTrainDataset}
+# Sized for 3-5 CPU minutes with the tiny preset on the shapes world (12,000 / 2,000 / 20,000 training rows; a
+# retrieval step is 5 encoder passes per pair and its evaluation runs ITM on ~11,000 pairs). That shows the whole
+# pipeline, not a result: from scratch VQA reaches the language prior (the majority answer per question kind,
+# ~52%; 1 epoch adds nothing), NLVR2 and retrieval stay at chance. Learning the images takes longer runs.
+DEFAULT_EPOCHS = {"vqa": 0.5, "nlvr2": 2.0, "retrieval": 0.05}
+SOFT_SCORES = (0.0, 0.3, 0.6, 0.9, 1.0)  # VQA target of an answer given by 0, 1, 2, 3, 4+ annotators
+
+
+# ---- VQA answers -------------------------------------------------------------------------
+
+def _human_answers(row):
+    answers = row.get("answer", [])
+    return [answers] if isinstance(answers, str) else answers
+
+
+def answer_vocabulary(rows, min_count):
+    """The answers that are the majority answer of at least min_count training questions, most frequent
+    first. Counting each question's majority answer (VQA v2's multiple_choice_answer) is the recipe of
+    bottom-up attention, ViLT and VLMo: on VQA v2 train+val with min_count=9 it gives their 3,129 classes."""
+    majority = Counter()
+    for row in rows:
+        answers = [evaluate.normalize_vqa_answer(a) for a in _human_answers(row)]
+        if answers:
+            majority[Counter(answers).most_common(1)[0][0]] += 1
+    return sorted((a for a, n in majority.items() if n >= min_count), key=lambda a: (-majority[a], a))
+
+
+def soft_scores(human_answers, answer_index):
+    """{class: soft score} of one question (SOFT_SCORES by annotator count) and how many of its human
+    answers fall outside the answer vocabulary (they are ignored)."""
+    counts = Counter(evaluate.normalize_vqa_answer(a) for a in human_answers)
+    scores = {answer_index[a]: SOFT_SCORES[min(n, 4)] for a, n in counts.items() if a in answer_index}
+    return scores, sum(n for a, n in counts.items() if a not in answer_index)
+
+
+def vqa_targets(answer_lists, answer_index):
+    """Soft targets [B, num_answers] for the binary cross-entropy of model.loss_vqa."""
+    targets = torch.zeros(len(answer_lists), len(answer_index))
+    for b, answers in enumerate(answer_lists):
+        for k, score in soft_scores(answers, answer_index)[0].items():
+            targets[b, k] = score
+    return targets
+
+
+def vqa_answers(fc, rows, verbose=True):
+    """The answer classes (from counts or from --answer-list), with a report of what they leave out."""
+    if fc.answer_vocab == "list":
+        try:
+            listed = json.loads(Path(fc.answer_list).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"error: --answer-list {fc.answer_list}: cannot read it ({e})") from None
+        if not isinstance(listed, list) or not all(isinstance(a, str) for a in listed):
+            raise SystemExit(f"error: --answer-list {fc.answer_list}: expected a JSON list of answer strings")
+        answers = list(dict.fromkeys(evaluate.normalize_vqa_answer(a) for a in listed))  # normalised, deduplicated
+    elif fc.answer_vocab == "counts":
+        answers = answer_vocabulary(rows, fc.min_answer_count)
+    else:
+        raise SystemExit(f"error: --answer-vocab must be counts or list, not {fc.answer_vocab!r}")
+    if not answers:
+        raise SystemExit(f"error: the answer vocabulary is empty (--answer-vocab {fc.answer_vocab}: no answer is the "
+                         f"majority answer of {fc.min_answer_count} training questions, or an empty --answer-list)")
+    index = {a: i for i, a in enumerate(answers)}
+    per_row = [soft_scores(_human_answers(r), index) for r in rows]
+    n_humans = sum(len(_human_answers(r)) for r in rows)
+    ignored, no_target = sum(n for _, n in per_row), sum(not s for s, _ in per_row)
+    if verbose:
+        print(f"answer vocabulary: {len(answers)} answers ({fc.answer_vocab}); {ignored} of {n_humans} human answers "
+              f"({100 * ignored / max(1, n_humans):.1f}%) are outside it and ignored; {no_target} questions have no target")
+    return answers
+
+
+# ---- set-up ------------------------------------------------------------------------------
+
+def resolve_paths(fc, rank, world):
+    """The config with every data path filled in: own files, or the shapes world's for the task."""
+    own = [fc.train_json, fc.val_json, fc.test_json]
+    if any(own) and not all(own):
+        raise SystemExit("error: own data needs all of --train-json, --val-json and --test-json")
+    out = {"out_dir": fc.out_dir or f"runs/finetune_{fc.task}", "epochs": fc.epochs or DEFAULT_EPOCHS[fc.task]}
+    if all(own):
+        out["image_root"] = fc.image_root or str(Path(fc.train_json).parent)
+    else:
+        paths = {k: str(v) for k, v in shapes_world(fc.data_dir, rank, world).items()}
+        out.update({f"{s}_json": paths[f"{fc.task}_{s}"] for s in ("train", "val", "test")},
+                   image_root=fc.image_root or paths["root"], answer_list=fc.answer_list or paths["answer_list"],
+                   vocab=fc.vocab or (paths["vocab"] if not fc.init else ""))
+    return replace(fc, **out)
+
+
+def base_config(fc, overrides, rank):
+    """(EVEConfig, tokenizer, init checkpoint or None) of a new run; the task fields are set later."""
+    if not fc.init:
+        if not fc.vocab or not Path(fc.vocab).is_file():
+            raise SystemExit(f"error: --vocab {fc.vocab or '(none)'}: no such file (own data from scratch needs a vocab.txt)")
+        tokenizer = data.WordPieceTokenizer.from_file(fc.vocab)
+        return make_config(fc.preset, **{"vocab_size": len(tokenizer), **overrides}), tokenizer, None
+    if not Path(fc.init).is_file():
+        raise SystemExit(f"error: --init {fc.init}: no such checkpoint file")
+    ckpt = training.load_checkpoint(fc.init)
+    if not all(k in ckpt for k in ("model", "config", "vocab")):
+        raise SystemExit(f"error: --init {fc.init}: not a pretrain.py checkpoint (needs model, config and vocab)")
+    tokenizer = data.WordPieceTokenizer(ckpt["vocab"])  # the vocabulary travels in the checkpoint
+    if fc.vocab and data.WordPieceTokenizer.from_file(fc.vocab).vocab != tokenizer.vocab:
+        raise SystemExit(f"error: --vocab {fc.vocab} differs from the vocabulary of {fc.init}")
+    if rank == 0 and overrides:  # e.g. --drop-path; one that changes a tensor shape fails when loading
+        print(f"overriding the checkpoint's model config with {overrides}")
+    return EVEConfig(**{**ckpt["config"], **overrides}), tokenizer, ckpt
+
+
+def load_init(model, ckpt, source, verbose=True):
+    """The pre-trained weights; the task heads stay new. Shape mismatches stop with a list of the tensors."""
+    missing, unexpected = training.load_model_state(model, ckpt["model"], source, strict=False)
+    if not verbose:
+        return
+    for what, keys in (("new (randomly initialised)", missing), ("in the checkpoint but not used", unexpected)):
+        modules = Counter(k.split(".")[0] for k in keys)
+        if modules:
+            print(f"{what}: " + ", ".join(f"{m} ({n} tensors)" for m, n in sorted(modules.items())))
+    print(f"loaded {len(ckpt['model']) - len(unexpected)} tensors from {source}")
+
+
+# ---- the run -----------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    training.add_dataclass_args(parser, FinetuneConfig)
+    training.add_dataclass_args(parser, EVEConfig, defaults=False,
+                                title="model (defaults: the preset's, or with --init the checkpoint's)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    fc = FinetuneConfig(**training.pick_fields(args, FinetuneConfig))
+    if fc.task not in TRAIN_OBJECTIVE:
+        raise SystemExit(f"error: --task must be one of {sorted(TRAIN_OBJECTIVE)}, not {fc.task!r}")
+    overrides = training.pick_fields(args, EVEConfig, skip_none=True)
+    overrides = {k: v for k, v in overrides.items() if k not in ("num_answers", "nlvr2_head")}  # set by the task
+    rank, world, _, device = training.setup_distributed(fc.seed)
+    try:
+        return run(resolve_paths(fc, rank, world), overrides, rank, world, device)
+    except data.DataError as e:  # bad rows or images, in training or evaluation: one clean line
+        raise training.data_error_exit(e) from None
+    finally:
+        training.cleanup_distributed()
+
+
+def run(fc, overrides, rank, world, device):
+    resume_path = training.find_checkpoint(fc.resume, fc.out_dir)
+    resume = training.load_checkpoint(resume_path) if resume_path else None
+    if resume:  # the run's model, vocabulary and answers are the checkpoint's
+        if resume.get("finetune_config", {}).get("task") != fc.task:
+            raise SystemExit(f"error: {resume_path} is not a checkpoint of a --task {fc.task} fine-tuning run")
+        cfg, tokenizer, init = EVEConfig(**resume["config"]), data.WordPieceTokenizer(resume["vocab"]), None
+    else:
+        cfg, tokenizer, init = base_config(fc, overrides, rank)
+    train_set = TRAIN_SETS[fc.task](fc.train_json, fc.image_root, cfg.image_size, skip_bad=fc.skip_bad)
+    answers = None
+    if fc.task == "vqa":
+        answers = resume["answers"] if resume else vqa_answers(fc, train_set.rows, verbose=rank == 0)
+    cfg = replace(cfg, num_answers=len(answers) if answers else 0, nlvr2_head=fc.task == "nlvr2")
+    loader = data.make_loader(train_set, fc.batch_size, data.Collator(tokenizer, cfg.max_text_len), shuffle=True,
+                              seed=fc.seed, num_workers=fc.num_workers, drop_last=True, distributed=world > 1)
+    steps_per_epoch = len(loader) // fc.grad_accum  # as fit() counts them
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {fc.train_json} has {len(train_set)} rows, fewer than one step of "
+                         f"{fc.batch_size * fc.grad_accum * world}")
+    max_steps = fc.max_steps or max(1, round(fc.epochs * steps_per_epoch))
+    fc = replace(fc, max_steps=max_steps, save_every=fc.save_every or steps_per_epoch,
+                 warmup_steps=fc.warmup_steps if fc.warmup_steps >= 0 else max_steps // 10)
+
+    model = EVE(cfg).to(device)
+    if init:
+        load_init(model, init, fc.init, verbose=rank == 0)
+    objective = TRAIN_OBJECTIVE[fc.task]
+    model.freeze_unused_heads(objective)
+    opt, sched = training.make_optimizer(model, fc)
+    step = training.restore(resume, resume_path, model, opt, sched, rank, world) if resume else 0
+    out_dir, key = Path(fc.out_dir), evaluate.VAL_METRIC[fc.task]
+    best_path = out_dir / "best.pt"
+    best = {"metric": -math.inf, "step": 0, "val": None}  # the val score of best.pt
+    if resume:  # best.pt may be newer than the resume checkpoint
+        best = training.load_checkpoint(best_path)["best"] if best_path.exists() else resume["best"]
+    log = training.MetricsLog(out_dir / "metrics.jsonl", enabled=rank == 0)
+
+    def state():  # what every checkpoint holds besides the weights and the optimizer
+        return dict(config=asdict(cfg), finetune_config=asdict(fc), vocab=tokenizer.vocab, answers=answers, best=best)
+
+    if rank == 0:
+        print(cfg)
+        print(f"{fc.task}: {len(train_set)} training rows, {steps_per_epoch} steps per epoch, {max_steps} steps, "
+              f"device {device}, {world} process(es)" + (f", resumed from {resume_path} at step {step}" if resume else ""))
+
+    def score(split, step):
+        predictions = out_dir / f"{fc.task}_{split}_predictions.json" if fc.task != "retrieval" else None
+        metrics = evaluate.evaluate_split(fc.task, model, tokenizer, getattr(fc, f"{split}_json"), fc.image_root, device,
+                                          answers=answers, k_test=fc.k_test, batch_size=2 * fc.batch_size,
+                                          num_workers=fc.num_workers, skip_bad=fc.skip_bad, predictions_path=predictions)
+        log.write(step=step, split=split, **metrics)
+        return metrics
+
+    def after_step(step, batch, out):
+        if step % steps_per_epoch and step != max_steps:
+            return
+        if rank == 0:  # one process evaluates the whole split; the others wait below
+            metrics = score("val", step)
+            print(f"\nval at step {step} (epoch {step / steps_per_epoch:.2f}): {key} {metrics.get(key, math.nan):.2f}")
+            if key not in metrics or metrics[key] > best["metric"]:  # no score (VQA val without answers): the latest
+                best.update(metric=metrics.get(key, -math.inf), step=step, val=metrics)
+                training.atomic_save(dict(model=model.state_dict(), step=step, **state()), best_path)
+            model.train()
+        if world > 1:
+            dist.barrier()
+
+    index = {a: i for i, a in enumerate(answers or [])}
+    prepare = (lambda b: {**b, "vqa_targets": vqa_targets(b["answers"], index).to(device)}) if answers else None
+    t0 = time.time()
+    step = training.fit(model, loader, opt, sched, fc, objective, device, rank, world, step, prepare=prepare,
+                        after_step=after_step, extra_state=state, desc=f"finetune {fc.task}")
+    if rank != 0 or step < max_steps:  # stopped by a signal: no test yet
+        return None
+    fit_s = time.time() - t0
+    training.load_model_state(model, training.load_checkpoint(best_path)["model"], best_path)
+    test = score("test", step)
+    results = {"task": fc.task, "checkpoint": str(best_path), "best_step": best["step"], "val": best["val"],
+               "test": test, "fit_seconds": round(fit_s), "test_seconds": round(time.time() - t0 - fit_s)}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"\ntest ({fc.test_json}, best val step {best['step']}):")
+    print(evaluate.format_table(evaluate.metrics_table(fc.task, test)))
+    print(f"results: {out_dir / 'results.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
