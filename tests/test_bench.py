@@ -1,0 +1,98 @@
+"""bench.py is correct (not fast): every JSON key is there, the one-hot baseline computes what
+moe.py computes, and the FLOP counter is exact on matmuls. No timing is asserted."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench  # noqa: E402
+from moe import MoE  # noqa: E402
+
+KEYS = ["msm_step_s", "itc_itm_step_s", "msm_vs_itc_itm_speedup", "moe_step_s", "dense_equiv_step_s",
+        "moe_vs_dense_ratio", "onehot_step_s", "moe_vs_onehot_speedup", "matmul_peak_flops",
+        "matmul_peak_flops_bf16", "train_flops_per_s", "mfu", "mfu_fp32", "mfu_bf16", "peak_mem_mb",
+        "mask_ratio_scaling", "resolution_scaling"]
+
+
+def test_quick_run_writes_every_key(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--preset", "tiny", "--quick", "--device", "cpu", "--batch-size", "4", "--experts", "16",
+                "--matmul-size", "128", "--json", str(out)])
+    res = json.loads(out.read_text())
+    missing = [k for k in KEYS if k not in res]
+    assert not missing, missing
+    for k in KEYS[:-2]:
+        assert math.isfinite(res[k]) and res[k] > 0, (k, res[k])
+    assert res["mfu"] == res["mfu_fp32"]  # the run's dtype on CPU
+    assert res["onehot_max_abs_err"] < 1e-4 and res["onehot_experts"] == 16
+    assert res["train_flops"] > 0 and res["moe_tokens"] > res["moe_vision_tokens"] > 0
+
+
+def make_moe(num_experts=8, top_k=2, dim=16, hidden=24, seed=0):
+    torch.manual_seed(seed)
+    moe = MoE(dim, hidden, num_experts, top_k)
+    with torch.no_grad():  # non-zero biases and a sharper router, so every term matters
+        moe.b1.normal_(std=0.1)
+        moe.b2.normal_(std=0.1)
+        moe.gate.weight.mul_(4)
+    return moe
+
+
+def test_onehot_equals_moe_when_nothing_is_dropped():
+    for top_k in (1, 2):
+        moe = make_moe(top_k=top_k)
+        x, modality = torch.randn(50, 16), torch.randint(0, 2, (50,))
+        want, _ = moe(x, modality)  # dropless
+        got, dropped = bench.onehot_moe(moe, x, modality, capacity_factor=moe.num_experts / top_k)  # C = N
+        assert dropped == 0.0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_onehot_drops_like_moe_under_a_tight_capacity():
+    moe = make_moe()
+    x, modality = torch.randn(64, 16), torch.randint(0, 2, (64,))
+    err, dropped = bench.check_onehot(moe, x, modality, capacity_factor=0.5)  # asserts equality inside
+    assert dropped > 0.2 and err < 1e-5
+
+
+def test_onehot_gradients_match_moe():
+    moe = make_moe()
+    x, modality, g = torch.randn(40, 16), torch.randint(0, 2, (40,)), torch.randn(40, 16)
+    grads = []
+    for forward in (lambda: moe(x, modality)[0], lambda: bench.onehot_moe(moe, x, modality, 4.0)[0]):
+        moe.zero_grad()
+        (forward() * g).sum().backward()
+        grads.append([p.grad.clone() for p in (moe.w1, moe.b1, moe.w2, moe.b2, moe.gate.weight)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dense_equivalent_does_the_activated_work():
+    moe = make_moe(top_k=2)
+    w1, b1, w2, b2 = bench.dense_equivalent(moe)
+    assert w1.shape == (16, 2 * 24) and w2.shape == (2 * 24, 16)
+    # a token sent to experts 0 and 1 with weight 1 each: the dense FFN's output
+    x = torch.randn(5, 16)
+    want = sum(moe.expert_forward(e, x) for e in range(2))
+    got = torch.addmm(b2, torch.nn.functional.gelu(torch.addmm(b1, x, w1)), w2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_flop_count_of_matmuls_is_exact():
+    M, K, N = 7, 5, 3
+    layer = torch.nn.Linear(K, N, bias=False)
+    x = torch.randn(M, K, requires_grad=True)
+    assert bench.count_flops(lambda: layer(x)) == 2 * M * N * K
+    # backward: the input gradient and the weight gradient, one matmul of the same size each
+    assert bench.count_flops(lambda: layer(x).sum().backward()) == 3 * 2 * M * N * K
+
+
+def test_flop_count_includes_cpu_attention():
+    B, H, S, d = 2, 3, 10, 8
+    q = torch.randn(B, H, S, d)
+    valid = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    flops = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=valid))
+    assert flops == 2 * (2 * B * H * S * S * d)  # q @ k^T and p @ v
