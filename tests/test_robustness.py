@@ -197,8 +197,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(small_world, straight_ru
     proc.wait(timeout=60)
     logged = max(json.loads(l)["step"] for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines())
     saved = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["step"]
-    if how == signal.SIGKILL:  # no chance to save: at most one save interval is lost
-        assert logged - 4 < saved <= logged
+    if how == signal.SIGKILL:  # no chance to save: at most one save interval (4 steps) is redone
+        assert logged - 4 <= saved <= logged  # killed mid-save at step 12 leaves 8: one interval redone
     else:  # a clean stop saves the step it stopped at and exits 0
         assert proc.returncode == 0 and saved == logged and "stopped by signal" in proc.stdout.read()
     resumed = start(small_world, tmp_path / "killed", "--resume", "auto")
