@@ -59,7 +59,6 @@ class BenchOptions:
     json: str = ""  # also write the results to this JSON file
     quick: bool = False  # one repeat and no scaling tables (tests, smoke runs)
     seed: int = 0  # weights, batch and masks
-    fused_adamw: bool = False  # AdamW(fused=True) instead of pretrain.py's default (for-loop) AdamW
 
 
 # ---- timing, FLOPs and memory ------------------------------------------------------------
@@ -131,9 +130,8 @@ def make_batch(cfg, batch_size, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def make_optimizer(model, fused=False):
-    # as pretrain.py builds it, unless fused (one kernel per tensor, no temporaries)
-    return torch.optim.AdamW(training.param_groups(model, 0.05), lr=1e-5, betas=(0.9, 0.95), fused=fused or None)
+def make_optimizer(model):
+    return training.adamw(model, lr=1e-5, weight_decay=0.05)  # the fused AdamW of pretrain.py
 
 
 def train_step(model, opt, batch, task, device, dtype, optimizer_step=True):
@@ -166,7 +164,7 @@ def with_mask_ratio(model, ratio, step):
 def bench_training(cfg, bo, device, dtype, B, repeats, warmup):
     torch.manual_seed(bo.seed)
     model = EVE(cfg).to(device).train()
-    opt = make_optimizer(model, bo.fused_adamw)
+    opt = make_optimizer(model)
     batch = make_batch(cfg, B, device)
     other = "bf16" if dtype == "fp32" else "fp32"
     steps = {"msm": train_step(model, opt, batch, "msm", device, dtype),
@@ -198,7 +196,7 @@ def bench_resolution(cfg, bo, device, dtype, B, repeats, warmup):
         cfg_r = dataclasses.replace(cfg, image_size=size)
         torch.manual_seed(bo.seed)
         model = EVE(cfg_r).to(device).train()
-        step = train_step(model, make_optimizer(model, bo.fused_adamw), make_batch(cfg_r, B, device), "msm", device, dtype)
+        step = train_step(model, make_optimizer(model), make_batch(cfg_r, B, device), "msm", device, dtype)
         t = time_alternating({size: step}, repeats, warmup, device, f"image size {size}")
         rows.append(dict(value=size, step_s=t[size]))
         del model, step
@@ -325,8 +323,7 @@ def run_bench(bo):
     vocab = bo.vocab_size or (1000 if bo.preset == "tiny" else None)
     cfg = make_config(bo.preset, **({"vocab_size": vocab} if vocab else {}))
     res = dict(preset=bo.preset, device=str(device), dtype=dtype, batch_size=B, repeats=repeats, warmup=warmup,
-               threads=torch.get_num_threads(), torch=torch.__version__, load_avg_before=os.getloadavg()[0],
-               fused_adamw=bo.fused_adamw)
+               threads=torch.get_num_threads(), torch=torch.__version__, load_avg_before=os.getloadavg()[0])
 
     train, batch = bench_training(cfg, bo, device, dtype, B, repeats, warmup)
     res.update(train)

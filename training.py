@@ -280,9 +280,15 @@ class Throughput:
 
 # ---- the training loop of both scripts ---------------------------------------------------
 
+def adamw(model, lr, weight_decay):
+    """AdamW with one fused kernel per tensor: on CPU the unfused update of a base model (464M
+    parameters) took about as long as its forward and backward (bench.py, torch.profiler)."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95), fused=True)
+
+
 def make_optimizer(model, tc):
     """AdamW (decay on matrices only) and a warm-up + cosine LR schedule over tc.max_steps."""
-    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95))
+    opt = adamw(model, tc.lr, tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
     return opt, sched
 
