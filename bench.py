@@ -41,6 +41,7 @@ PAD, CLS, SEP, MASK = 0, 1, 2, 3  # the synthetic vocabulary's special ids (as i
 DEFAULT_BATCH = {"tiny": 32, "small": 32, "base": 8, "large": 8}
 MASK_RATIOS = (0.25, 0.5, 0.75, 0.9)  # 0.0 has nothing to reconstruct: model.py's MSM needs a mask
 RESOLUTIONS = (1.0, 1.5, 2.0)  # times the preset's image size, same patch size
+MOE_TOKENS = (512, 2048, 8192)  # tokens per MoE layer in the scaling table
 
 
 @dataclass
@@ -272,10 +273,11 @@ def layer_step(forward, x, params, grad_out, device, dtype):
     return step
 
 
-def bench_moe(cfg, bo, device, dtype, n_vision, n_text, repeats, warmup):
+def bench_moe(cfg, bo, device, dtype, n_tokens, vision_share, repeats, warmup):
+    """The MoE layer against the dense equivalent and one-hot dispatch on the same n_tokens tokens."""
     hidden = int(cfg.dim * cfg.mlp_ratio)
-    N = bo.tokens or n_vision + n_text
-    n_vis = round(N * n_vision / (n_vision + n_text))  # keep the batch's vision/text mix
+    N = n_tokens
+    n_vis = round(N * vision_share)  # keep the batch's vision/text mix
     modality = torch.cat([torch.zeros(n_vis), torch.ones(N - n_vis)]).long().to(device)
     x = torch.randn(N, cfg.dim, device=device).requires_grad_()  # unit scale, like a LayerNorm output
     grad_out = torch.randn(N, cfg.dim, device=device)
@@ -293,13 +295,29 @@ def bench_moe(cfg, bo, device, dtype, n_vision, n_text, repeats, warmup):
     if moe_oh is not moe:
         fns["moe_onehot_experts"] = layer_step(lambda t: moe_oh(t, modality)[0], x, [x, *moe_oh.parameters()],
                                                grad_out, device, dtype)
-    t = time_alternating(fns, repeats, warmup, device, "MoE layer")
+    t = time_alternating(fns, repeats, warmup, device, f"MoE layer, {N} tokens")
     t_sorted = t.get("moe_onehot_experts", t["moe"])
     return dict(moe_tokens=N, moe_vision_tokens=n_vis, moe_experts=cfg.num_experts, top_k=cfg.top_k,
                 moe_step_s=t["moe"], dense_equiv_step_s=t["dense"], moe_vs_dense_ratio=t["moe"] / t["dense"],
                 onehot_experts=bo.experts, onehot_capacity_factor=bo.capacity_factor, onehot_drop_fraction=dropped,
                 onehot_max_abs_err=err, moe_at_onehot_experts_step_s=t_sorted, onehot_step_s=t["onehot"],
                 moe_vs_onehot_speedup=t["onehot"] / t_sorted)
+
+
+def moe_memory_floor(cfg, bandwidth, dtype):
+    """Seconds a MoE layer's fwd+bwd spends at least on its expert weights, whatever the token count:
+    the forward reads w1 and w2, the backward reads them again and writes their gradients (3 passes),
+    for all experts, where the dense equivalent touches top_k experts' worth. Returns (moe_s, dense_s)."""
+    weight_bytes = 2 * cfg.dim * int(cfg.dim * cfg.mlp_ratio) * (4 if dtype == "fp32" else 2)  # one expert
+    return 3 * cfg.num_experts * weight_bytes / bandwidth, 3 * cfg.top_k * weight_bytes / bandwidth
+
+
+def bench_memory_bandwidth(repeats, warmup, device, mib=256):
+    """Bytes per second of copying a large tensor into another (each byte read once and written once)."""
+    a = torch.empty(mib * 2**18, device=device).uniform_()
+    b = torch.empty_like(a)
+    t = time_alternating({"copy": lambda: b.copy_(a)}, repeats, warmup, device, "memory bandwidth")
+    return dict(memory_bandwidth_bytes_per_s=2 * a.numel() * 4 / t["copy"])
 
 
 def bench_matmul(n, repeats, warmup, device):
@@ -330,9 +348,18 @@ def run_bench(bo):
     # tokens per MoE layer in the MSM pass: [CLS_v] + visible patches, and the real text tokens
     n_vision = B * (1 + int(cfg.num_patches * (1 - cfg.image_mask_ratio)))
     n_text = int(batch["text_mask"].sum())
+    share = n_vision / (n_vision + n_text)
     # short calls are noisier, so the layer and matmul timings take 4x the repeats
-    res.update(bench_moe(cfg, bo, device, dtype, n_vision, n_text, 4 * repeats, warmup))
+    res.update(bench_moe(cfg, bo, device, dtype, bo.tokens or n_vision + n_text, share, 4 * repeats, warmup))
     res.update(bench_matmul(bo.matmul_size, 4 * repeats, warmup, device))
+    res.update(bench_memory_bandwidth(4 * repeats, warmup, device))
+    res["moe_memory_floor_s"], res["dense_equiv_memory_floor_s"] = moe_memory_floor(
+        cfg, res["memory_bandwidth_bytes_per_s"], dtype)
+    # the fixed cost above weighs less as a layer gets more tokens (larger batches, more GPUs' worth)
+    res["moe_token_scaling"] = [] if bo.quick else [
+        {k: v for k, v in bench_moe(cfg, bo, device, dtype, n, share, repeats, warmup).items()
+         if k in ("moe_tokens", "moe_step_s", "dense_equiv_step_s", "moe_vs_dense_ratio", "onehot_step_s",
+                  "moe_vs_onehot_speedup")} for n in MOE_TOKENS]
 
     res["train_flops_per_s"] = res["train_flops"] / res["msm_step_s"]
     res["mfu_fp32"] = res["train_flops"] / res["msm_step_s_fp32"] / res["matmul_peak_flops"]
@@ -358,6 +385,9 @@ def print_report(r):
         (f"one-hot einsum dispatch, capacity x{r['onehot_capacity_factor']:g}, {r['onehot_drop_fraction']:.1%} dropped",
          f"{r['onehot_step_s'] * ms:.2f} ms"),
         ("  moe.py speed-up over one-hot", f"{r['moe_vs_onehot_speedup']:.2f}x"),
+        ("memory bandwidth (copy)", f"{r['memory_bandwidth_bytes_per_s'] / G:.1f} GB/s"),
+        ("MoE / dense time floor from weight traffic alone",
+         f"{r['moe_memory_floor_s'] * ms:.2f} / {r['dense_equiv_memory_floor_s'] * ms:.2f} ms"),
         (f"matmul {r['matmul_size']}^3 fp32 / bf16", f"{r['matmul_peak_flops'] / G:.0f} / {r['matmul_peak_flops_bf16'] / G:.0f} GFLOP/s"),
         ("MSM step FLOPs (forward + backward), step fp32 / bf16",
          f"{r['train_flops'] / G:.1f} GFLOP, {r['msm_step_s_fp32']:.4f} / {r['msm_step_s_bf16']:.4f} s"),
@@ -366,6 +396,11 @@ def print_report(r):
     ]
     width = max(len(name) for name, _ in rows)
     print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+    for i, row in enumerate(r["moe_token_scaling"]):
+        if i == 0:
+            print(f"\n{'MoE tokens':>16}  {'MoE ms':>8}  {'dense ms':>8}  MoE/dense  {'one-hot ms':>10}  one-hot/MoE")
+        print(f"{row['moe_tokens']:>16}  {row['moe_step_s'] * ms:8.1f}  {row['dense_equiv_step_s'] * ms:8.1f}  "
+              f"{row['moe_vs_dense_ratio']:8.2f}x  {row['onehot_step_s'] * ms:10.1f}  {row['moe_vs_onehot_speedup']:10.2f}x")
     for key, label in (("mask_ratio_scaling", "image mask ratio"), ("resolution_scaling", "image size")):
         for i, row in enumerate(r[key]):
             if i == 0:

@@ -39,6 +39,64 @@ def router_z_loss(router_logits: Tensor) -> Tensor:
     return torch.logsumexp(router_logits.float(), dim=-1).square().mean()
 
 
+class ExpertFFN(torch.autograd.Function):
+    """Every expert's two-layer GELU FFN on its contiguous slice of the expert-sorted tokens.
+
+    Autograd over per-expert slices of the stacked weights would give each expert a full-size
+    gradient and then stack them (unbind/select backward): on CPU that copy of E x D x H floats
+    cost more than the matmuls themselves (bench.py, torch.profiler). Here each expert's weight
+    gradient is written once, straight into its row of one (E, D, H) tensor, and idle experts
+    get zeros, so every parameter is in the graph (DDP needs that).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, counts):
+        """x: [A, D] grouped by expert, counts[e] rows each; w1: [E, D, H], b1: [E, H], w2: [E, H, D], b2: [E, D]."""
+        with torch.autocast(x.device.type, enabled=False):  # the caller cast everything to one dtype
+            pre = x.new_empty(x.shape[0], w1.shape[2])  # (A, H) pre-activations, kept for backward
+            for e, rows in enumerate(_slices(counts)):
+                torch.addmm(b1[e], x[rows], w1[e], out=pre[rows])
+            h = F.gelu(pre)  # (A, H): one elementwise call for all experts
+            out = x.new_empty(x.shape)  # (A, D)
+            for e, rows in enumerate(_slices(counts)):
+                torch.addmm(b2[e], h[rows], w2[e], out=out[rows])
+        ctx.save_for_backward(x, w1, w2, pre, h)
+        ctx.counts = counts
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, w1, w2, pre, h = ctx.saved_tensors
+        grad_out = grad_out.contiguous()  # (A, D)
+        grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)  # (E, D, H), (E, H, D)
+        grad_h = torch.empty_like(pre)  # (A, H)
+        for e, rows in enumerate(_slices(ctx.counts)):
+            torch.mm(h[rows].t(), grad_out[rows], out=grad_w2[e])  # zeros for an idle expert
+            torch.mm(grad_out[rows], w2[e].t(), out=grad_h[rows])
+        grad_pre = torch.ops.aten.gelu_backward(grad_h, pre)  # (A, H)
+        grad_x = torch.empty_like(x)  # (A, D)
+        for e, rows in enumerate(_slices(ctx.counts)):
+            torch.mm(x[rows].t(), grad_pre[rows], out=grad_w1[e])
+            torch.mm(grad_pre[rows], w1[e].t(), out=grad_x[rows])
+        grad_b1, grad_b2 = _segment_sum(grad_pre, ctx.counts), _segment_sum(grad_out, ctx.counts)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+
+
+def _slices(counts: list[int]):
+    """Row slices of consecutive segments of the given lengths."""
+    start = 0
+    for c in counts:
+        yield slice(start, start + c)
+        start += c
+
+
+def _segment_sum(t: Tensor, counts: list[int]) -> Tensor:
+    """Sum of each segment's rows: [A, F] -> [len(counts), F] (zeros for an empty segment)."""
+    seg = torch.repeat_interleave(torch.arange(len(counts), device=t.device), torch.tensor(counts, device=t.device))
+    return t.new_zeros(len(counts), t.shape[1]).index_add_(0, seg, t)
+
+
 class MoE(nn.Module):
     """Top-k routed two-layer GELU experts, stored stacked as one set of parameters.
 
@@ -124,47 +182,30 @@ class MoE(nn.Module):
 
         A = k * N
         cap = math.ceil(self.capacity_factor * A / E) if self.capacity_factor > 0 else A
-        # the one host sync: slice boundaries must be Python ints
-        counts_l = counts.tolist()
-        starts_l = [0]
-        for c in counts_l[:-1]:
-            starts_l.append(starts_l[-1] + c)
+        # an assignment is kept if it is among the first `cap` of its expert's slice
+        starts = counts.cumsum(0) - counts  # (E,)
+        kept = torch.arange(A, device=x.device) - starts[e_sorted] < cap  # (A,)
+        tok_kept, w_kept = tok_sorted[kept], w_sorted[kept]
+        # the one host sync: the experts' slice lengths must be Python ints
+        kept_counts = counts.clamp(max=cap).tolist()
 
-        # unbind once so the backward is a single stack (idle experts get zero grads, no per-expert
-        # full-size select-backward); every expert runs, possibly on an empty slice, so all
-        # parameters are in the graph under DDP
-        w1s, b1s, w2s, b2s = (t.to(x.dtype).unbind(0) for t in (self.w1, self.b1, self.w2, self.b2))
-        x_sorted = x[tok_sorted]  # (k*N, D) token copies grouped by expert
-        outs, toks, ws = [], [], []
-        for e in range(E):
-            s = starts_l[e]
-            seg = slice(s, s + min(counts_l[e], cap))  # kept = the first `cap` of the expert's slice
-            outs.append(self._ffn(x_sorted[seg], w1s[e], b1s[e], w2s[e], b2s[e]))
-            toks.append(tok_sorted[seg])
-            ws.append(w_sorted[seg])
-        out = torch.cat(outs)  # (A_kept, D)
-        w = torch.cat(ws).to(out.dtype).unsqueeze(1)  # (A_kept, 1)
+        # under autocast the experts run in its dtype, like the nn.Linear layers around them
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        out = ExpertFFN.apply(x[tok_kept].to(dt), *(t.to(dt) for t in (self.w1, self.b1, self.w2, self.b2)),
+                              kept_counts)  # (A_kept, D) grouped by expert
+        out = self.dropout(out) * w_kept.to(dt).unsqueeze(1)
         # no renormalisation after drops: a dropped assignment simply contributes nothing
-        y = x.new_zeros(N, D).index_add_(0, torch.cat(toks), (out * w).to(x.dtype))  # (N, D)
+        y = x.new_zeros(N, D).index_add_(0, tok_kept, out.to(x.dtype))  # (N, D)
 
-        stats = self._stats(probs, top_e, logits, modality, e_sorted, tok_sorted, counts, cap)
+        stats = self._stats(probs, top_e, logits, modality, e_sorted[kept], tok_kept, A)
         return y, stats
 
-    def _stats(self, probs, top_e, logits, modality, e_sorted, tok_sorted, counts, cap) -> dict:
+    def _stats(self, probs, top_e, logits, modality, e_kept, tok_kept, A) -> dict:
         E, M = self.num_experts, self.num_modalities
-        A = e_sorted.numel()
-        # position of each sorted assignment inside its expert's slice; the first `cap` are kept
-        starts = counts.cumsum(0) - counts  # (E,)
-        pos = torch.arange(A, device=e_sorted.device) - starts[e_sorted]  # (A,)
-        kept = pos < cap
-        # bin = modality * E + expert; dropped assignments go to an extra bin that is cut off
-        bins = modality[tok_sorted] * E + e_sorted
-        bins = bins.masked_fill(~kept, M * E)
-        tokens_per_expert = torch.bincount(bins, minlength=M * E + 1)[: M * E].view(M, E)
-        drop_fraction = 1.0 - tokens_per_expert.sum().float() / max(A, 1)
+        tokens_per_expert = torch.bincount(modality[tok_kept] * E + e_kept, minlength=M * E).view(M, E)
         return {
             'aux_loss': load_balancing_loss(probs, top_e, E),
             'z_loss': router_z_loss(logits),
             'tokens_per_expert': tokens_per_expert,
-            'drop_fraction': drop_fraction,
+            'drop_fraction': 1.0 - tokens_per_expert.sum().float() / max(A, 1),
         }
