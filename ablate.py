@@ -40,12 +40,14 @@ TABLES = {
 class AblateConfig:
     table: str = "all"  # objectives | architecture | all
     seeds: str = "0,1"  # comma-separated seeds; every arm runs once per seed
-    pretrain_seconds: float = 75.0  # wall-clock budget of each pre-training run (same for every objective)
+    pretrain_seconds: float = 60.0  # wall-clock budget of each pre-training run (same for every objective)
     finetune_scale: float = 1.0  # multiplies the fine-tuning steps below (more = less noise, more time)
-    vqa_steps: int = 60  # VQA fine-tuning steps
-    nlvr2_steps: int = 60  # NLVR2 fine-tuning steps
-    retrieval_steps: int = 40  # retrieval fine-tuning steps
-    batch_size: int = 64  # pre-training and fine-tuning batch
+    vqa_steps: int = 50  # VQA fine-tuning steps
+    nlvr2_steps: int = 40  # NLVR2 fine-tuning steps
+    retrieval_steps: int = 30  # retrieval fine-tuning steps
+    batch_size: int = 64  # pre-training batch
+    finetune_batch_size: int = 32  # fine-tuning batch
+    k_test: int = 0  # retrieval: ITM re-ranking depth; 0 = rank by ITC alone (re-ranking would double the run)
     data_dir: str = "data/shapes"  # the shapes world (generated when absent)
     out_dir: str = "runs/ablate"  # every run's folder, results.json and results.md
 
@@ -82,8 +84,9 @@ def run_arm(ac, objective, flags, seed, work, steps):
     for task, metric in TASKS.items():
         task_steps = max(1, round(getattr(ac, f"{task}_steps") * ac.finetune_scale))
         out = work / f"finetune_{task}"
-        run("finetune.py", "--task", task, "--max-steps", task_steps, "--seed", seed, "--batch-size", ac.batch_size,
-            "--data-dir", ac.data_dir, "--out-dir", out, *init, *(flags if not init else []))
+        run("finetune.py", "--task", task, "--max-steps", task_steps, "--seed", seed,
+            "--batch-size", ac.finetune_batch_size, "--k-test", ac.k_test, "--data-dir", ac.data_dir,
+            "--out-dir", out, *init, *(flags if not init else []))
         scores[task] = json.loads((out / "results.json").read_text())["test"][metric]
     return scores, pretrain_s
 

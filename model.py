@@ -148,6 +148,7 @@ class EVEConfig:
     norm_pix_loss: bool = False  # per-patch normalised pixel target (MAE)
     mlm_weight: float = 1.0  # weight of the masked-text loss
     itc_dim: int = 128  # ITC projection width
+    itc_temp: float = 0.07  # initial ITC temperature (learned, kept in [0.001, 0.5]); ALBEF/CLIP start at 0.07
     num_answers: int = 0  # VQA classifier outputs; 0 = no VQA head
     nlvr2_head: bool = False  # add the NLVR2 pair classifier
     grad_checkpoint: bool = False  # activation checkpointing, per encoder block
@@ -179,7 +180,9 @@ class EVEConfig:
 
 
 PRESETS = {
-    "tiny": EVEConfig(),
+    # from scratch at 64 px, ITC starting at 0.07 stayed at ln(batch) for 60 retrieval steps (the image
+    # features collapse); starting at 0.3 it learned (python finetune.py --task retrieval --max-steps 60 --itc-temp T)
+    "tiny": EVEConfig(itc_temp=0.3),
     "small": EVEConfig(image_size=128, patch_size=16, dim=384, depth=8, heads=6, num_experts=16,
                        decoder_dim=256, decoder_depth=2, decoder_heads=8, itc_dim=256, max_text_len=40),
     "base": EVEConfig(image_size=224, patch_size=16, dim=768, depth=12, heads=12, num_experts=32, top_layers=2,
@@ -268,7 +271,7 @@ class EVE(nn.Module):
         self.decoder = PixelDecoder(cfg)
         self.itc_image = nn.Linear(D, cfg.itc_dim)
         self.itc_text = nn.Linear(D, cfg.itc_dim)
-        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.temp = nn.Parameter(torch.tensor(cfg.itc_temp))
         self.pooler = nn.Sequential(nn.Linear(D, D), nn.Tanh())
         self.itm_head = nn.Linear(D, 2)
         if cfg.num_answers:
