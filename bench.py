@@ -1,12 +1,13 @@
 """Speed benchmarks of EVE: MSM against ITC+ITM, the MoE layer against dense and one-hot
 dispatch, model FLOP utilisation, and how a step grows with the mask ratio and resolution.
 
-CPU (the tiny preset, about a minute), then the base preset with a small batch:
+CPU, 2 cores: the tiny preset (about 3 minutes), then base at batch 8 (about 12 minutes, 8 GB):
     python bench.py --preset tiny --json bench_tiny.json
-    python bench.py --preset base --batch-size 4 --repeats 3 --json bench_base.json
+    python bench.py --preset base --repeats 3 --json bench_base.json
 One GPU (bf16 autocast by default there; --dtype fp32 for the fp32 figures):
     python bench.py --preset base --device cuda --json bench_base_gpu.json
 Smoke run (one repeat, no scaling tables): python bench.py --quick
+Where the time goes (torch.profiler tables of an MSM step and of the MoE layer): add --profile
 
 Everything runs in ONE process on the same weights and the same synthetic batch. Variants
 being compared are timed alternately (a, b, a, b, ...) after a warm-up, and the median is
@@ -39,7 +40,7 @@ from moe import MoE
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3  # the synthetic vocabulary's special ids (as in tests/test_model.py)
 DEFAULT_BATCH = {"tiny": 32, "small": 32, "base": 8, "large": 8}
-MASK_RATIOS = (0.25, 0.5, 0.75, 0.9)  # 0.0 has nothing to reconstruct: model.py's MSM needs a mask
+MASK_RATIOS = (0.0, 0.25, 0.5, 0.75, 0.9)  # 0.0: masked text with the full image, no pixel loss
 RESOLUTIONS = (1.0, 1.5, 2.0)  # times the preset's image size, same patch size
 MOE_TOKENS = (512, 2048, 8192)  # tokens per MoE layer in the scaling table
 
@@ -60,6 +61,7 @@ class BenchOptions:
     json: str = ""  # also write the results to this JSON file
     quick: bool = False  # one repeat and no scaling tables (tests, smoke runs)
     seed: int = 0  # weights, batch and masks
+    profile: bool = False  # also print torch.profiler's top operators of one MSM step and one MoE-layer call
 
 
 # ---- timing, FLOPs and memory ------------------------------------------------------------
@@ -104,6 +106,19 @@ def count_flops(fn):
     with counter:
         fn()
     return counter.get_total_flops()
+
+
+def print_profile(title, fn, device, rows=15):
+    """torch.profiler's operators of one call of fn (after a warm-up call), by self time: where a step goes."""
+    fn()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of {title}:\n{prof.key_averages().table(sort_by=key, row_limit=rows)}", flush=True)
 
 
 def peak_memory_mb(device):
@@ -178,6 +193,8 @@ def bench_training(cfg, bo, device, dtype, B, repeats, warmup):
     steps["msm"]()  # the first full step also allocates AdamW's state: its peak is the MSM step's
     peak_mb, peak_kind = peak_memory_mb(device)
     t = time_alternating(steps, repeats, warmup, device, "train steps")
+    if bo.profile:
+        print_profile(f"one MSM training step ({bo.preset}, batch {B}, {dtype})", steps["msm"], device)
     res = dict(msm_step_s=t["msm"], itc_itm_step_s=t["itc_itm"], msm_vs_itc_itm_speedup=t["itc_itm"] / t["msm"],
                **{f"msm_step_s_{dtype}": t["msm"], f"msm_step_s_{other}": t[f"msm_{other}"]},
                train_flops=flops, peak_mem_mb=peak_mb, peak_mem_kind=peak_kind)
@@ -273,7 +290,7 @@ def layer_step(forward, x, params, grad_out, device, dtype):
     return step
 
 
-def bench_moe(cfg, bo, device, dtype, n_tokens, vision_share, repeats, warmup):
+def bench_moe(cfg, bo, device, dtype, n_tokens, vision_share, repeats, warmup, profile=False):
     """The MoE layer against the dense equivalent and one-hot dispatch on the same n_tokens tokens."""
     hidden = int(cfg.dim * cfg.mlp_ratio)
     N = n_tokens
@@ -296,6 +313,8 @@ def bench_moe(cfg, bo, device, dtype, n_tokens, vision_share, repeats, warmup):
         fns["moe_onehot_experts"] = layer_step(lambda t: moe_oh(t, modality)[0], x, [x, *moe_oh.parameters()],
                                                grad_out, device, dtype)
     t = time_alternating(fns, repeats, warmup, device, f"MoE layer, {N} tokens")
+    if profile:
+        print_profile(f"the MoE layer, forward and backward ({N} tokens, {dtype})", fns["moe"], device)
     t_sorted = t.get("moe_onehot_experts", t["moe"])
     return dict(moe_tokens=N, moe_vision_tokens=n_vis, moe_experts=cfg.num_experts, top_k=cfg.top_k,
                 moe_step_s=t["moe"], dense_equiv_step_s=t["dense"], moe_vs_dense_ratio=t["moe"] / t["dense"],
@@ -350,7 +369,8 @@ def run_bench(bo):
     n_text = int(batch["text_mask"].sum())
     share = n_vision / (n_vision + n_text)
     # short calls are noisier, so the layer and matmul timings take 4x the repeats
-    res.update(bench_moe(cfg, bo, device, dtype, bo.tokens or n_vision + n_text, share, 4 * repeats, warmup))
+    res.update(bench_moe(cfg, bo, device, dtype, bo.tokens or n_vision + n_text, share, 4 * repeats, warmup,
+                         profile=bo.profile))
     res.update(bench_matmul(bo.matmul_size, 4 * repeats, warmup, device))
     res.update(bench_memory_bandwidth(4 * repeats, warmup, device))
     res["moe_memory_floor_s"], res["dense_equiv_memory_floor_s"] = moe_memory_floor(

@@ -292,6 +292,8 @@ class EVE(nn.Module):
         """Freeze the heads that `task` never uses, so that DDP finds no unused parameters
         (no find_unused_parameters needed) and the optimizer leaves them alone."""
         used = {h for part in task.split("+") for h in TASK_HEADS.get(part, ())}
+        if self.cfg.image_mask_ratio == 0:  # MSM then has nothing to reconstruct
+            used.discard("decoder")
         for head in {h for heads in TASK_HEADS.values() for h in heads} - used:
             if hasattr(self, head):
                 getattr(self, head).requires_grad_(False)
@@ -427,13 +429,16 @@ class EVE(nn.Module):
         return (loss * mask).sum() / mask.sum()
 
     def loss_msm(self, batch):
-        """Masked signal modeling: ONE pass over the visible patches and the masked text."""
+        """Masked signal modeling: ONE pass over the visible patches and the masked text. With
+        image_mask_ratio 0 no patch is removed, so there is no pixel loss (masked text, full image)."""
         enc = self.encode(batch["image"], batch["mlm_ids"], batch["text_mask"], self.cfg.image_mask_ratio)
         n = enc["n_image"]
-        pred = self.decoder(enc["hidden"][:, :n], enc["ids_restore"])
-        loss_mim = self.pixel_loss(batch["image"], pred, enc["mask"])
         loss_mlm, _ = self.mlm_loss(enc["hidden"][:, n:], batch["mlm_labels"])
-        return {"loss_mim": loss_mim, "loss_mlm": loss_mlm, "pred": pred.detach(), "mask": enc["mask"]}, enc["moe"], 1
+        out = {"loss_mlm": loss_mlm}
+        if enc["mask"] is not None:
+            pred = self.decoder(enc["hidden"][:, :n], enc["ids_restore"])
+            out.update(loss_mim=self.pixel_loss(batch["image"], pred, enc["mask"]), pred=pred.detach(), mask=enc["mask"])
+        return out, enc["moe"], 1
 
     def loss_mlm(self, batch):
         """Masked text with the FULL image (the optional MLM of the ITC+ITM baseline)."""

@@ -14,21 +14,31 @@ from moe import MoE  # noqa: E402
 KEYS = ["msm_step_s", "itc_itm_step_s", "msm_vs_itc_itm_speedup", "moe_step_s", "dense_equiv_step_s",
         "moe_vs_dense_ratio", "onehot_step_s", "moe_vs_onehot_speedup", "matmul_peak_flops",
         "matmul_peak_flops_bf16", "train_flops_per_s", "mfu", "mfu_fp32", "mfu_bf16", "peak_mem_mb",
-        "mask_ratio_scaling", "resolution_scaling"]
+        "memory_bandwidth_bytes_per_s", "moe_memory_floor_s", "dense_equiv_memory_floor_s",
+        "mask_ratio_scaling", "resolution_scaling", "moe_token_scaling"]
 
 
-def test_quick_run_writes_every_key(tmp_path):
+def test_quick_run_writes_every_key(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(["--preset", "tiny", "--quick", "--device", "cpu", "--batch-size", "4", "--experts", "16",
-                "--matmul-size", "128", "--json", str(out)])
+                "--matmul-size", "128", "--profile", "--json", str(out)])
     res = json.loads(out.read_text())
     missing = [k for k in KEYS if k not in res]
     assert not missing, missing
-    for k in KEYS[:-2]:
+    for k in KEYS[:-3]:
         assert math.isfinite(res[k]) and res[k] > 0, (k, res[k])
     assert res["mfu"] == res["mfu_fp32"]  # the run's dtype on CPU
     assert res["onehot_max_abs_err"] < 1e-4 and res["onehot_experts"] == 16
     assert res["train_flops"] > 0 and res["moe_tokens"] > res["moe_vision_tokens"] > 0
+    printed = capsys.readouterr().out  # --profile: the operator tables of an MSM step and of the MoE layer
+    assert "profile of one MSM training step" in printed and "ExpertFFN" in printed
+
+
+def test_moe_memory_floor_by_hand():
+    cfg = bench.make_config("tiny")  # 8 experts, top-2, dim 192, hidden 768
+    moe_s, dense_s = bench.moe_memory_floor(cfg, bandwidth=1e9, dtype="fp32")
+    one_expert = (192 * 768 + 768 * 192) * 4  # bytes of w1 and w2
+    assert moe_s == 3 * 8 * one_expert / 1e9 and dense_s == 3 * 2 * one_expert / 1e9
 
 
 def make_moe(num_experts=8, top_k=2, dim=16, hidden=24, seed=0):

@@ -155,3 +155,16 @@ def test_eval_is_deterministic_and_block_masking_runs():
     torch.testing.assert_close(a, model.encode(b["image"], b["text_ids"], b["text_mask"])["hidden"])
     out = model(b, "msm")
     assert out["mask"].sum(1).eq(48).all()
+
+
+def test_msm_without_image_masking_is_masked_text_with_the_full_image():
+    # mask ratio 0: no pixel loss, the decoder is frozen (DDP would otherwise wait for its gradients),
+    # and loss_mlm is exactly the MLM loss with the full image
+    model = tiny(image_mask_ratio=0.0)
+    model.freeze_unused_heads("msm")
+    out = model(toy_batch(), "msm")
+    assert "loss_mim" not in out and "pred" not in out
+    torch.testing.assert_close(out["loss_mlm"], model(toy_batch(), "mlm")["loss_mlm"])
+    out["loss"].backward()
+    assert not any(p.requires_grad for p in model.decoder.parameters())
+    assert model.mlm_transform[0].weight.grad is not None
