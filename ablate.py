@@ -5,7 +5,7 @@ the SAME wall-clock budget, then fine-tuned identically on VQA, NLVR2 and retrie
 Table "architecture": MSM pre-training with the modality-aware MoE vs the MoE without modality routing
 vs multiway FFNs only vs dense FFNs, then the same fine-tuning.
 
-    python ablate.py                                   # both tables, seeds 0 and 1 (about 30 min on 2 CPU cores)
+    python ablate.py                                   # both tables, seeds 0 and 1 (46 minutes on 2 CPU cores)
     python ablate.py --table objectives --seeds 0,1,2  # one table, three seeds
     python ablate.py --pretrain-seconds 600 --finetune-scale 4   # a longer, less noisy version
 
