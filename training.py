@@ -286,8 +286,8 @@ class Throughput:
 # ---- the training loop of both scripts ---------------------------------------------------
 
 def adamw(model, lr, weight_decay):
-    """AdamW with one fused kernel per tensor: on CPU the unfused update of a base model (464M
-    parameters) took about as long as its forward and backward (bench.py, torch.profiler)."""
+    """AdamW with one fused kernel per tensor: on CPU the for-loop update of a base model (464M
+    parameters) took about half of an MSM step at batch 4 (torch.profiler), the fused one 6% at batch 8."""
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95), fused=True)
 
 
