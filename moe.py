@@ -69,17 +69,20 @@ class ExpertFFN(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, w1, w2, pre, h = ctx.saved_tensors
         grad_out = grad_out.contiguous()  # (A, D)
+        E, D, H = w1.shape
         grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)  # (E, D, H), (E, H, D)
+        grad_b1, grad_b2 = x.new_empty(E, H), x.new_empty(E, D)
         grad_h = torch.empty_like(pre)  # (A, H)
-        for e, rows in enumerate(_slices(ctx.counts)):
-            torch.mm(h[rows].t(), grad_out[rows], out=grad_w2[e])  # zeros for an idle expert
+        for e, rows in enumerate(_slices(ctx.counts)):  # an idle expert's sums and products are zeros
+            torch.mm(h[rows].t(), grad_out[rows], out=grad_w2[e])
+            torch.sum(grad_out[rows], dim=0, out=grad_b2[e])
             torch.mm(grad_out[rows], w2[e].t(), out=grad_h[rows])
         grad_pre = torch.ops.aten.gelu_backward(grad_h, pre)  # (A, H)
         grad_x = torch.empty_like(x)  # (A, D)
         for e, rows in enumerate(_slices(ctx.counts)):
             torch.mm(x[rows].t(), grad_pre[rows], out=grad_w1[e])
+            torch.sum(grad_pre[rows], dim=0, out=grad_b1[e])
             torch.mm(grad_pre[rows], w1[e].t(), out=grad_x[rows])
-        grad_b1, grad_b2 = _segment_sum(grad_pre, ctx.counts), _segment_sum(grad_out, ctx.counts)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
 
 
@@ -89,12 +92,6 @@ def _slices(counts: list[int]):
     for c in counts:
         yield slice(start, start + c)
         start += c
-
-
-def _segment_sum(t: Tensor, counts: list[int]) -> Tensor:
-    """Sum of each segment's rows: [A, F] -> [len(counts), F] (zeros for an empty segment)."""
-    seg = torch.repeat_interleave(torch.arange(len(counts), device=t.device), torch.tensor(counts, device=t.device))
-    return t.new_zeros(len(counts), t.shape[1]).index_add_(0, seg, t)
 
 
 class MoE(nn.Module):
@@ -135,15 +132,10 @@ class MoE(nn.Module):
         if self.modality_embed is not None:
             nn.init.normal_(self.modality_embed.weight, std=0.02)
 
-    def _ffn(self, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
-        # addmm is on autocast's low-precision list, so under autocast this runs in bf16
-        h = F.gelu(torch.addmm(b1, x, w1))  # (n, H)
-        return self.dropout(torch.addmm(b2, h, w2))  # (n, D)
-
     def expert_forward(self, e: int, x: Tensor) -> Tensor:
-        """Expert e alone on x: [n, D] -> [n, D]; the reference for tests and bench.py."""
-        p = [t[e].to(x.dtype) for t in (self.w1, self.b1, self.w2, self.b2)]
-        return self._ffn(x, *p)
+        """Expert e alone on x: [n, D] -> [n, D], with plain autograd; the reference for tests and bench.py."""
+        w1, b1, w2, b2 = (t[e].to(x.dtype) for t in (self.w1, self.b1, self.w2, self.b2))
+        return self.dropout(torch.addmm(b2, F.gelu(torch.addmm(b1, x, w1)), w2))  # (n, D)
 
     def router_logits(self, x: Tensor, modality: Tensor) -> Tensor:
         """Router logits [N, E], always float32 (the softmax and top-k are precision sensitive)."""
