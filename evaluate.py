@@ -519,16 +519,16 @@ def format_table(rows) -> str:
 
 def load_finetuned(path, device):
     """(model, tokenizer, checkpoint) of a finetune.py checkpoint (best.pt or last.pt), weights loaded strictly."""
-    import data
     import training
     from model import EVE, EVEConfig
+    from tokenization import WordPieceTokenizer
     ckpt = training.load_checkpoint(path)
     if "finetune_config" not in ckpt:
         raise ValueError(f"{path} is not a finetune.py checkpoint (no 'finetune_config'; a pretrain.py "
                          f"checkpoint has no task head: fine-tune it first)")
     model = EVE(EVEConfig(**ckpt["config"])).to(device)
     training.load_model_state(model, ckpt["model"], path)
-    return model, data.WordPieceTokenizer(ckpt["vocab"]), ckpt
+    return model, WordPieceTokenizer(ckpt["vocab"]), ckpt
 
 
 def score_checkpoint(args, parser) -> tuple[dict, list]:

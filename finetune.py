@@ -33,7 +33,8 @@ import data
 import evaluate
 import training
 from model import EVE, EVEConfig, make_config
-from pretrain import shapes_world
+from shapes import shapes_world
+from tokenization import WordPieceTokenizer
 
 
 @dataclass
@@ -169,15 +170,15 @@ def base_config(fc, overrides, rank):
     if not fc.init:
         if not fc.vocab or not Path(fc.vocab).is_file():
             raise SystemExit(f"error: --vocab {fc.vocab or '(none)'}: no such file (own data from scratch needs a vocab.txt)")
-        tokenizer = data.WordPieceTokenizer.from_file(fc.vocab)
+        tokenizer = WordPieceTokenizer.from_file(fc.vocab)
         return make_config(fc.preset, **{"vocab_size": len(tokenizer), **overrides}), tokenizer, None
     if not Path(fc.init).is_file():
         raise SystemExit(f"error: --init {fc.init}: no such checkpoint file")
     ckpt = training.load_checkpoint(fc.init)
     if not all(k in ckpt for k in ("model", "config", "vocab")):
         raise SystemExit(f"error: --init {fc.init}: not a pretrain.py checkpoint (needs model, config and vocab)")
-    tokenizer = data.WordPieceTokenizer(ckpt["vocab"])  # the vocabulary travels in the checkpoint
-    if fc.vocab and data.WordPieceTokenizer.from_file(fc.vocab).vocab != tokenizer.vocab:
+    tokenizer = WordPieceTokenizer(ckpt["vocab"])  # the vocabulary travels in the checkpoint
+    if fc.vocab and WordPieceTokenizer.from_file(fc.vocab).vocab != tokenizer.vocab:
         raise SystemExit(f"error: --vocab {fc.vocab} differs from the vocabulary of {fc.init}")
     if rank == 0 and overrides:  # e.g. --drop-path; one that changes a tensor shape fails when loading
         print(f"overriding the checkpoint's model config with {overrides}")
@@ -228,7 +229,7 @@ def run(fc, overrides, rank, world, device):
     if resume:  # the run's model, vocabulary and answers are the checkpoint's
         if resume.get("finetune_config", {}).get("task") != fc.task:
             raise SystemExit(f"error: {resume_path} is not a checkpoint of a --task {fc.task} fine-tuning run")
-        cfg, tokenizer, init = EVEConfig(**resume["config"]), data.WordPieceTokenizer(resume["vocab"]), None
+        cfg, tokenizer, init = EVEConfig(**resume["config"]), WordPieceTokenizer(resume["vocab"]), None
     else:
         cfg, tokenizer, init = base_config(fc, overrides, rank)
     train_set = TRAIN_SETS[fc.task](fc.train_json, fc.image_root, cfg.image_size, skip_bad=fc.skip_bad)

@@ -21,13 +21,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw
 
 import data
 import training
 from masking import mask_text, patchify, unpatchify
 from model import EVE, EVEConfig, make_config
+from shapes import shapes_world
+from tokenization import WordPieceTokenizer
 
 
 @dataclass
@@ -75,17 +76,8 @@ def build_data(tc, rank, world):
         json_path, image_root, vocab = paths["pretrain"], paths["root"], tc.vocab or paths["vocab"]
     if not Path(vocab).is_file():
         raise SystemExit(f"error: --vocab {vocab}: no such file")
-    tokenizer = data.WordPieceTokenizer.from_file(vocab)
+    tokenizer = WordPieceTokenizer.from_file(vocab)
     return tokenizer, json_path, image_root
-
-
-def shapes_world(folder, rank, world):
-    """The shapes world's files, written by rank 0 if absent while the other ranks wait."""
-    if rank == 0:
-        data.ensure_shapes_world(folder)
-    if world > 1:
-        torch.distributed.barrier()
-    return data.ensure_shapes_world(folder)  # present now: only checks the manifest
 
 
 def masked_text_batch(batch, tokenizer, tc):

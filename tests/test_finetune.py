@@ -12,6 +12,8 @@ import data
 import evaluate
 import finetune
 import pretrain
+import shapes
+import tokenization
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--dim", "64", "--depth", "2", "--heads", "2", "--num-experts", "4", "--image-size", "32",
@@ -22,7 +24,7 @@ RUN = ["--batch-size", "8", "--num-workers", "0", "--max-steps", "1", "--min-ans
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    return data.make_shapes_world(root, n_train=24, n_val=8, n_test=8, nlvr2_per_split=(16, 8, 8))
+    return shapes.make_shapes_world(root, n_train=24, n_val=8, n_test=8, nlvr2_per_split=(16, 8, 8))
 
 
 def data_args(world, task):
@@ -157,7 +159,7 @@ class StubModel(torch.nn.Module):
 def test_retrieval_reranking_with_stub_itm():
     n = 6
     dataset = PairImages(n)
-    tokenizer = data.WordPieceTokenizer(data.build_vocab(dataset.texts))
+    tokenizer = tokenization.WordPieceTokenizer(tokenization.build_vocab(dataset.texts))
     model = StubModel(tokenizer, n)
     i2t, t2i = evaluate.retrieval_scores(model, dataset, tokenizer, k_test=2, device=torch.device("cpu"), batch_size=4)
     # ITC alone ranks every true pair second; re-ranking its top 2 by the ITM stub puts it first
@@ -178,7 +180,7 @@ def test_retrieval_reranking_with_stub_itm():
 def test_retrieval_scores_identical_captions_once():
     # caption 3 repeats caption 0: the model sees the same input, so each image scores it once, for both copies
     dataset = PairImages(4, texts=["c0", "c1", "c2", "c0"])
-    tokenizer = data.WordPieceTokenizer(data.build_vocab(dataset.texts))
+    tokenizer = tokenization.WordPieceTokenizer(tokenization.build_vocab(dataset.texts))
     model = StubModel(tokenizer, 4)
     i2t, t2i = evaluate.retrieval_scores(model, dataset, tokenizer, k_test=4, device=torch.device("cpu"), batch_size=3)
     assert sorted(model.scored) == [(i, t) for i in range(4) for t in range(3)]  # every image x distinct caption

@@ -15,6 +15,7 @@ from PIL import Image
 
 import data
 import pretrain
+import tokenization
 import training
 from conftest import ROOT, TINY_MODEL_FLAGS
 from model import EVE, make_config
@@ -99,7 +100,7 @@ def test_skip_bad_counts_bad_json_rows(bad_world, small_world, tmp_path):
 
 
 def test_long_captions_are_truncated(small_world):
-    tok = data.WordPieceTokenizer.from_file(small_world["vocab"])
+    tok = tokenization.WordPieceTokenizer.from_file(small_world["vocab"])
     ids = tok.encode("a red circle " * 100, max_len=32)
     assert len(ids) == 32 and ids[0] == tok.cls_id and ids[-1] == tok.sep_id
 
