@@ -138,6 +138,7 @@ class EVEConfig:
     moe_aux_weight: float = 0.001  # load-balancing loss weight (official EVE value)
     moe_z_weight: float = 0.0  # router z-loss weight
     layerscale_init: float = 0.0  # LayerScale initial value; 0 = off
+    image_embed_norm: bool = True  # the embedding LayerNorm normalises image tokens too (official); False = text only
     drop_path: float = 0.0  # stochastic depth rate of the last layer (linear from 0)
     dropout: float = 0.0  # dropout after each FFN
     decoder_dim: int = 128  # pixel decoder width
@@ -260,7 +261,7 @@ class EVE(nn.Module):
         self.image_pos = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, D))
         self.word_embed = nn.Embedding(cfg.vocab_size, D)
         self.text_pos = nn.Embedding(cfg.max_text_len, D)
-        self.text_norm = nn.LayerNorm(D)
+        self.embed_norm = nn.LayerNorm(D)  # over word/patch + position + type embeddings
         self.type_embed = nn.Embedding(2, D)
         rates = [cfg.drop_path * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, D, cfg.heads, kind, r) for kind, r in zip(cfg.ffn_kinds(), rates))
@@ -311,14 +312,16 @@ class EVE(nn.Module):
             else:
                 x, mask, ids_restore = random_masking(x, mask_ratio)
         cls = (self.cls_token + self.image_pos[:, :1]).expand(x.shape[0], -1, -1)
-        return torch.cat([cls, x], dim=1) + self.type_embed.weight[VISION], mask, ids_restore
+        x = torch.cat([cls, x], dim=1) + self.type_embed.weight[VISION]
+        # without the norm, image tokens start at about a fifth of the text tokens' scale and barely move the fused [CLS]
+        return (self.embed_norm(x) if self.cfg.image_embed_norm else x), mask, ids_restore
 
     def embed_text(self, ids):
         """ids: [N, T] -> [N, T, D]."""
         if ids.shape[1] > self.cfg.max_text_len:
             raise ValueError(f"text of {ids.shape[1]} tokens exceeds max_text_len={self.cfg.max_text_len}")
         pos = self.text_pos(torch.arange(ids.shape[1], device=ids.device))
-        return self.text_norm(self.word_embed(ids) + pos + self.type_embed.weight[TEXT])
+        return self.embed_norm(self.word_embed(ids) + pos + self.type_embed.weight[TEXT])
 
     def encode(self, images=None, text_ids=None, text_mask=None, mask_ratio=0.0):
         """Image only, text only, or image+text as one sequence [CLS_v, visible patches, text].

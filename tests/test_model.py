@@ -1,4 +1,5 @@
 import torch
+import torch.nn.functional as F
 
 from masking import mask_text
 from model import EVE, PRESETS, MultiwayFFN, make_config, sample_negatives
@@ -73,6 +74,7 @@ def test_visible_patches_equal_full_sequence_without_removed():
     x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, 192))
     cls = (model.cls_token + model.image_pos[:, :1]).expand(4, -1, -1)
     x = torch.cat([cls, x], 1) + model.type_embed.weight[0]
+    x = F.layer_norm(x, (192,), model.embed_norm.weight, model.embed_norm.bias)  # the official embedding norm
     x = torch.cat([x, model.embed_text(b["text_ids"])], 1)
     modality = torch.cat([torch.zeros(4, 17), torch.ones(4, 12)], 1).long()
     valid = torch.cat([torch.ones(4, 17, dtype=torch.bool), b["text_mask"]], 1)
@@ -85,6 +87,22 @@ def test_visible_patches_equal_full_sequence_without_removed():
     got_patches = torch.gather(enc["hidden"][:, 1:17], 1, perm.unsqueeze(-1).expand(-1, -1, 192))
     torch.testing.assert_close(got_patches, ref[:, 1:17], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(enc["hidden"][:, 17:][b["text_mask"]], ref[:, 17:][b["text_mask"]], atol=1e-5, rtol=1e-5)
+
+
+def test_image_tokens_are_normalised_like_text_tokens():
+    """One embedding LayerNorm over image and text tokens (official EVE): both come out with zero mean and unit
+    variance per token at init (LN weight 1, bias 0); with image_embed_norm=False the image tokens are left as
+    they are, about a fifth of the text tokens' scale."""
+    b = toy_batch()
+    for normed in (True, False):
+        model = tiny(image_embed_norm=normed).eval()
+        img, _, _ = model.embed_image(b["image"])  # (4, 65, 192)
+        txt = model.embed_text(b["text_ids"])
+        assert torch.allclose(txt.mean(-1), torch.zeros(()), atol=1e-5) and torch.allclose(txt.std(-1, unbiased=False), torch.ones(()), atol=1e-2)  # LN eps: slightly below 1
+        img_is_normed = torch.allclose(img.std(-1, unbiased=False), torch.ones(()), atol=1e-2)  # LN eps: slightly below 1
+        assert img_is_normed == normed
+        if not normed:
+            assert img.norm(dim=-1).mean() < 0.5 * txt.norm(dim=-1).mean()
 
 
 def test_padding_does_not_change_real_tokens():
