@@ -1,12 +1,15 @@
 """Speed benchmarks of EVE: MSM against ITC+ITM, the MoE layer against dense and one-hot
 dispatch, model FLOP utilisation, and how a step grows with the mask ratio and resolution.
 
-CPU, 2 cores: the tiny preset (about 3 minutes), then base at batch 8 (about 12 minutes, 8 GB):
+CPU, 2 cores: the tiny preset (about 1 minute), then base at batch 8 (a few minutes, 8 GB):
     python bench.py --preset tiny --json bench_tiny.json
     python bench.py --preset base --repeats 3 --json bench_base.json
+    python bench.py --preset tiny --tables     # also the mask-ratio, MoE token-count and resolution tables
 One GPU (bf16 autocast by default there; --dtype fp32 for the fp32 figures):
     python bench.py --preset base --device cuda --json bench_base_gpu.json
-Smoke run (one repeat, no scaling tables): python bench.py --quick
+Smoke run (one repeat): python bench.py --quick
+bf16 rows on a CPU: timed only where a small probe finds bf16 matmuls not slower than fp32
+(CPUs without AVX512-BF16 or AMX emulate bf16, hundreds of times slower); --bf16 on|off forces it.
 Where the time goes (torch.profiler tables of an MSM step and of the MoE layer): add --profile
 
 Everything runs in ONE process on the same weights and the same synthetic batch. Variants
@@ -59,9 +62,11 @@ class BenchOptions:
     capacity_factor: float = 2.0  # capacity of the one-hot baseline, a multiple of the fair share
     matmul_size: int = 2048  # side of the square matmuls that measure the peak FLOP/s
     json: str = ""  # also write the results to this JSON file
-    quick: bool = False  # one repeat and no scaling tables (tests, smoke runs)
+    quick: bool = False  # one repeat, one warm-up (tests, smoke runs)
     seed: int = 0  # weights, batch and masks
     profile: bool = False  # also print torch.profiler's top operators of one MSM step and one MoE-layer call
+    tables: bool = False  # also time the mask-ratio, MoE token-count and resolution tables (several minutes more)
+    bf16: str = "auto"  # rows timed in the other dtype (bf16 on CPU): auto = only where a probe finds bf16 fast | on | off
 
 
 # ---- timing, FLOPs and memory ------------------------------------------------------------
@@ -129,6 +134,27 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu peak RSS of the process"
 
 
+def cpu_info():
+    """(model name, bf16-related CPU flags) from /proc/cpuinfo, as `lscpu` shows them; empty where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return "", []
+    field = lambda key: next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), "")
+    return field("model name"), sorted(f for f in field("flags").split() if "bf16" in f or f.startswith("amx"))
+
+
+def probe_bf16(device, n=512, repeats=3):
+    """How many times faster an n^3 bf16 matmul is than fp32 here. CPUs without native bf16
+    instructions (AVX512-BF16 or AMX) emulate it, hundreds of times slower: this small probe
+    decides whether the bf16 rows are worth timing at all."""
+    a = torch.randn(n, n, device=device)
+    a16 = a.bfloat16()
+    t = time_alternating({"fp32": lambda: a @ a, "bf16": lambda: a16 @ a16}, repeats, 1, device, "bf16 probe")
+    return t["fp32"] / t["bf16"]
+
+
 # ---- the model benchmark: one synthetic batch, one set of weights ------------------------
 
 def make_batch(cfg, batch_size, device):
@@ -177,15 +203,17 @@ def with_mask_ratio(model, ratio, step):
     return run
 
 
-def bench_training(cfg, bo, device, dtype, B, repeats, warmup):
+def bench_training(cfg, bo, device, dtype, B, repeats, warmup, other_dtype=True):
+    """MSM and ITC+ITM steps, and (other_dtype) the MSM step in the other of fp32/bf16."""
     torch.manual_seed(bo.seed)
     model = EVE(cfg).to(device).train()
     opt = make_optimizer(model)
     batch = make_batch(cfg, B, device)
     other = "bf16" if dtype == "fp32" else "fp32"
     steps = {"msm": train_step(model, opt, batch, "msm", device, dtype),
-             "itc_itm": train_step(model, opt, batch, "itc_itm", device, dtype),
-             f"msm_{other}": train_step(model, opt, batch, "msm", device, other)}
+             "itc_itm": train_step(model, opt, batch, "itc_itm", device, dtype)}
+    if other_dtype:
+        steps[f"msm_{other}"] = train_step(model, opt, batch, "msm", device, other)
     # the FLOPs of one MSM forward+backward, counted once, outside any timing
     flops = count_flops(train_step(model, opt, batch, "msm", device, dtype, optimizer_step=False))
     if device.type == "cuda":
@@ -196,9 +224,9 @@ def bench_training(cfg, bo, device, dtype, B, repeats, warmup):
     if bo.profile:
         print_profile(f"one MSM training step ({bo.preset}, batch {B}, {dtype})", steps["msm"], device)
     res = dict(msm_step_s=t["msm"], itc_itm_step_s=t["itc_itm"], msm_vs_itc_itm_speedup=t["itc_itm"] / t["msm"],
-               **{f"msm_step_s_{dtype}": t["msm"], f"msm_step_s_{other}": t[f"msm_{other}"]},
+               **{f"msm_step_s_{dtype}": t["msm"], f"msm_step_s_{other}": t.get(f"msm_{other}")},
                train_flops=flops, peak_mem_mb=peak_mb, peak_mem_kind=peak_kind)
-    if not bo.quick:
+    if bo.tables:
         fns = {r: with_mask_ratio(model, r, steps["msm"]) for r in MASK_RATIOS}
         t = time_alternating(fns, repeats, warmup, device, "mask ratios")
         res["mask_ratio_scaling"] = [dict(value=r, step_s=s) for r, s in t.items()]
@@ -339,12 +367,16 @@ def bench_memory_bandwidth(repeats, warmup, device, mib=256):
     return dict(memory_bandwidth_bytes_per_s=2 * a.numel() * 4 / t["copy"])
 
 
-def bench_matmul(n, repeats, warmup, device):
-    """Achieved FLOP/s of an n x n x n matmul in fp32 and bf16: the peaks that MFU is measured against."""
+def bench_matmul(n, repeats, warmup, device, bf16=True):
+    """Achieved FLOP/s of an n x n x n matmul in fp32 and (bf16) bf16: the peaks that MFU is measured against."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a16, b16 = a.bfloat16(), b.bfloat16()
-    t = time_alternating({"fp32": lambda: a @ b, "bf16": lambda: a16 @ b16}, repeats, warmup, device, "matmul")
-    return dict(matmul_size=n, matmul_peak_flops=2 * n**3 / t["fp32"], matmul_peak_flops_bf16=2 * n**3 / t["bf16"])
+    fns = {"fp32": lambda: a @ b}
+    if bf16:
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        fns["bf16"] = lambda: a16 @ b16
+    t = time_alternating(fns, repeats, warmup, device, "matmul")
+    return dict(matmul_size=n, matmul_peak_flops=2 * n**3 / t["fp32"],
+                matmul_peak_flops_bf16=2 * n**3 / t["bf16"] if bf16 else None)
 
 
 # ---- the run -------------------------------------------------------------------------------
@@ -359,10 +391,24 @@ def run_bench(bo):
     repeats, warmup = (1, 1) if bo.quick else (bo.repeats, bo.warmup)
     vocab = bo.vocab_size or (1000 if bo.preset == "tiny" else None)
     cfg = make_config(bo.preset, **({"vocab_size": vocab} if vocab else {}))
+    if bo.bf16 not in ("auto", "on", "off"):
+        raise SystemExit(f"error: --bf16 must be auto, on or off, not {bo.bf16!r}")
+    cpu_model, cpu_flags = cpu_info()
     res = dict(preset=bo.preset, device=str(device), dtype=dtype, batch_size=B, repeats=repeats, warmup=warmup,
-               threads=torch.get_num_threads(), torch=torch.__version__, load_avg_before=os.getloadavg()[0])
+               threads=torch.get_num_threads(), torch=torch.__version__, load_avg_before=os.getloadavg()[0],
+               cpu_model=cpu_model, cpu_bf16_flags=cpu_flags)
 
-    train, batch = bench_training(cfg, bo, device, dtype, B, repeats, warmup)
+    # bf16 rows: always when the run is bf16; otherwise only where bf16 matrix math is not slower than fp32
+    res["bf16_probe_speedup"] = probe_bf16(device) if bo.bf16 == "auto" and dtype == "fp32" else None
+    use_bf16 = dtype == "bf16" or bo.bf16 == "on" or (bo.bf16 == "auto" and res["bf16_probe_speedup"] >= 1.0)
+    res["bf16_rows"] = use_bf16
+    if not use_bf16:
+        why = ("--bf16 off" if bo.bf16 == "off" else
+               f"a 512^3 bf16 matmul ran {1 / res['bf16_probe_speedup']:.1f}x SLOWER than fp32 on this CPU "
+               f"({cpu_model or 'unknown model'}; bf16 flags: {' '.join(cpu_flags) or 'none'}), so bf16 is emulated")
+        print(f"skipping the bf16 rows: {why}", file=sys.stderr)
+
+    train, batch = bench_training(cfg, bo, device, dtype, B, repeats, warmup, other_dtype=use_bf16)
     res.update(train)
     # tokens per MoE layer in the MSM pass: [CLS_v] + visible patches, and the real text tokens
     n_vision = B * (1 + int(cfg.num_patches * (1 - cfg.image_mask_ratio)))
@@ -371,27 +417,28 @@ def run_bench(bo):
     # short calls are noisier, so the layer and matmul timings take 4x the repeats
     res.update(bench_moe(cfg, bo, device, dtype, bo.tokens or n_vision + n_text, share, 4 * repeats, warmup,
                          profile=bo.profile))
-    res.update(bench_matmul(bo.matmul_size, 4 * repeats, warmup, device))
+    res.update(bench_matmul(bo.matmul_size, 4 * repeats, warmup, device, bf16=use_bf16))
     res.update(bench_memory_bandwidth(4 * repeats, warmup, device))
     res["moe_memory_floor_s"], res["dense_equiv_memory_floor_s"] = moe_memory_floor(
         cfg, res["memory_bandwidth_bytes_per_s"], dtype)
     # the fixed cost above weighs less as a layer gets more tokens (larger batches, more GPUs' worth)
-    res["moe_token_scaling"] = [] if bo.quick else [
+    res["moe_token_scaling"] = [] if not bo.tables else [
         {k: v for k, v in bench_moe(cfg, bo, device, dtype, n, share, repeats, warmup).items()
          if k in ("moe_tokens", "moe_step_s", "dense_equiv_step_s", "moe_vs_dense_ratio", "onehot_step_s",
                   "moe_vs_onehot_speedup")} for n in MOE_TOKENS]
 
     res["train_flops_per_s"] = res["train_flops"] / res["msm_step_s"]
     res["mfu_fp32"] = res["train_flops"] / res["msm_step_s_fp32"] / res["matmul_peak_flops"]
-    res["mfu_bf16"] = res["train_flops"] / res["msm_step_s_bf16"] / res["matmul_peak_flops_bf16"]
+    res["mfu_bf16"] = res["train_flops"] / res["msm_step_s_bf16"] / res["matmul_peak_flops_bf16"] if use_bf16 else None
     res["mfu"] = res[f"mfu_{dtype}"]
-    res["resolution_scaling"] = [] if bo.quick else bench_resolution(cfg, bo, device, dtype, B, repeats, warmup)
+    res["resolution_scaling"] = [] if not bo.tables else bench_resolution(cfg, bo, device, dtype, B, repeats, warmup)
     res.setdefault("mask_ratio_scaling", [])
     return res
 
 
 def print_report(r):
     ms, G = 1e3, 1e9
+    num = lambda v, f: "skipped" if v is None else format(v, f)  # bf16 rows may be skipped
     print(f"EVE bench: preset {r['preset']}, {r['device']} {r['dtype']}, batch {r['batch_size']}, median of "
           f"{r['repeats']} after {r['warmup']} warm-up, {r['threads']} threads, load average {r['load_avg_before']:.1f}")
     rows = [
@@ -408,10 +455,14 @@ def print_report(r):
         ("memory bandwidth (copy)", f"{r['memory_bandwidth_bytes_per_s'] / G:.1f} GB/s"),
         ("MoE / dense time floor from weight traffic alone",
          f"{r['moe_memory_floor_s'] * ms:.2f} / {r['dense_equiv_memory_floor_s'] * ms:.2f} ms"),
-        (f"matmul {r['matmul_size']}^3 fp32 / bf16", f"{r['matmul_peak_flops'] / G:.0f} / {r['matmul_peak_flops_bf16'] / G:.0f} GFLOP/s"),
+        (f"matmul {r['matmul_size']}^3 fp32 / bf16", f"{r['matmul_peak_flops'] / G:.0f} / "
+         f"{num(r['matmul_peak_flops_bf16'] and r['matmul_peak_flops_bf16'] / G, '.0f')} GFLOP/s"),
         ("MSM step FLOPs (forward + backward), step fp32 / bf16",
-         f"{r['train_flops'] / G:.1f} GFLOP, {r['msm_step_s_fp32']:.4f} / {r['msm_step_s_bf16']:.4f} s"),
-        ("MFU fp32 / bf16 (against those matmuls)", f"{r['mfu_fp32']:.3f} / {r['mfu_bf16']:.3f}"),
+         f"{r['train_flops'] / G:.1f} GFLOP, {r['msm_step_s_fp32']:.4f} / {num(r['msm_step_s_bf16'], '.4f')} s"),
+        ("MFU fp32 / bf16 (against those matmuls)", f"{r['mfu_fp32']:.3f} / {num(r['mfu_bf16'], '.3f')}"),
+        ("CPU (bf16 flags); bf16 probe: bf16 matmul speed-up over fp32",
+         f"{r['cpu_model'] or '?'} ({' '.join(r['cpu_bf16_flags']) or 'none'}); "
+         f"{num(r['bf16_probe_speedup'], '.2f')}x"),
         (f"peak memory ({r['peak_mem_kind']})", f"{r['peak_mem_mb']:.0f} MiB"),
     ]
     width = max(len(name) for name, _ in rows)

@@ -21,7 +21,7 @@ KEYS = ["msm_step_s", "itc_itm_step_s", "msm_vs_itc_itm_speedup", "moe_step_s", 
 def test_quick_run_writes_every_key(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(["--preset", "tiny", "--quick", "--device", "cpu", "--batch-size", "4", "--experts", "16",
-                "--matmul-size", "128", "--profile", "--json", str(out)])
+                "--matmul-size", "128", "--profile", "--bf16", "on", "--json", str(out)])
     res = json.loads(out.read_text())
     missing = [k for k in KEYS if k not in res]
     assert not missing, missing
@@ -32,6 +32,27 @@ def test_quick_run_writes_every_key(tmp_path, capsys):
     assert res["train_flops"] > 0 and res["moe_tokens"] > res["moe_vision_tokens"] > 0
     printed = capsys.readouterr().out  # --profile: the operator tables of an MSM step and of the MoE layer
     assert "profile of one MSM training step" in printed and "ExpertFFN" in printed
+
+
+def test_slow_bf16_rows_are_skipped_with_a_reason(tmp_path, capsys, monkeypatch):
+    """A CPU that emulates bf16 (the probe finds it slower than fp32): no bf16 step, matmul or MFU, and it says why."""
+    monkeypatch.setattr(bench, "probe_bf16", lambda device: 0.01)
+    out = tmp_path / "bench.json"
+    bench.main(["--preset", "tiny", "--quick", "--device", "cpu", "--batch-size", "2", "--experts", "8",
+                "--matmul-size", "64", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert res["bf16_rows"] is False and res["bf16_probe_speedup"] == 0.01
+    assert res["msm_step_s_bf16"] is None and res["mfu_bf16"] is None and res["matmul_peak_flops_bf16"] is None
+    assert res["mfu_fp32"] > 0 and res["mask_ratio_scaling"] == [] and res["moe_token_scaling"] == []
+    captured = capsys.readouterr()
+    assert "skipping the bf16 rows" in captured.err and "100.0x SLOWER" in captured.err
+    assert "skipped" in captured.out
+
+
+def test_bf16_probe_and_cpu_info():
+    assert bench.probe_bf16(torch.device("cpu"), n=32, repeats=1) > 0
+    model, flags = bench.cpu_info()
+    assert isinstance(model, str) and all("bf16" in f or f.startswith("amx") for f in flags)
 
 
 def test_moe_memory_floor_by_hand():
