@@ -2,7 +2,7 @@
 prediction files or fine-tuned checkpoints.
 
 Metrics (standard library + numpy only; this part never imports torch, the model or the data code):
-  normalize_vqa_answer, vqa_score, vqa_accuracy   VQA v2, as GT-Vision-Lab/VQA vqaEval.py (current master)
+  normalize_vqa_answer, vqa_score, vqa_accuracy   VQA v2, as GT-Vision-Lab/VQA vqaEval.py (master, a013f00)
   retrieval_recall                                 image-text retrieval R@1/5/10, as ALBEF's itm_eval
   nlvr2_accuracy, nlvr2_consistency                NLVR2, as lil-lab/nlvr nlvr2/eval/metrics.py
 
@@ -78,44 +78,62 @@ def _process_digit_article(text: str) -> str:
     return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
+def _strip(answer: str) -> str:
+    """What the official evaluation does to EVERY answer, human or predicted: '\\n' and '\\t' become spaces and
+    the ends are trimmed."""
+    return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_vqa_answer(answer: str) -> str:
-    """What the official evaluation does to a predicted answer: '\\n' and '\\t' become spaces, the ends are
-    trimmed, then punctuation (_process_punctuation), then digits/articles/contractions."""
-    text = answer.replace("\n", " ").replace("\t", " ").strip()
-    return _process_digit_article(_process_punctuation(text))
+    """The official evaluation's full processing of one answer: _strip, then punctuation (_process_punctuation),
+    then lowercasing, number words, articles and contractions (_process_digit_article). vqa_score applies it only
+    where the official tool does (see there); finetune.py uses it to build answer classes and targets."""
+    return _process_digit_article(_process_punctuation(_strip(answer)))
 
 
-def vqa_score(prediction: str, human_answers: list[str]) -> float:
-    """Accuracy of one answer in [0, 1]: the mean over the n leave-one-out subsets of the human answers of
-    min(1, matches in the subset / 3); with 10 answers, 0/1/2/3/4+ matches give 0, 0.3, 0.6, 0.9, 1.0.
+def vqa_score(prediction: str, humans: list[str]) -> float:
+    """Accuracy of one answer in [0, 1], as GT-Vision-Lab/VQA vqaEval.py at master (commit a013f00):
 
-    As the official code: the prediction is fully normalised; the human answers are left as they are when
-    they all agree, and only get _process_punctuation (no lowercasing, number words or articles) when they
-    differ. One human answer (VG-style rows; the official formula would always give 0) is outside the
-    official rules: there both sides are normalised and compared, 1.0 or 0.0.
+    1. every answer, human and predicted, is _strip-ped;
+    2. only if the stripped human answers are NOT all identical, every human answer AND the prediction get the
+       full normalize_vqa_answer processing; if they are all identical, nothing more is done to either side,
+       so "Yes" or "a dog" against ten "yes" / "dog" scores 0 (the official tool does the same);
+    3. the score is the mean over the n leave-one-out subsets of the human answers of min(1, matches / 3): with
+       10 answers, 0/1/2/3/4+ matches give 0, 0.3, 0.6, 0.9, 1.0. (The official code leaves one answer out
+       by comparing answer dicts, which differ by their answer_id; each list entry here is one such answer.)
+
+    The earlier revision (before a013f00) normalised the prediction always and gave disagreeing human answers
+    punctuation processing only; humans ["dog", "dog", "a dog"] + 7 x ["puppy"] with prediction "a dog" score
+    0.6 there and 0.9 here.
+
+    OUTSIDE the official rules: a question with ONE human answer (VG-style rows), where the official formula
+    always gives 0 (leaving the only answer out leaves no match). Here both sides get normalize_vqa_answer and
+    the score is 1.0 if they are equal, else 0.0.
     """
-    if not human_answers:
+    if not humans:
         raise ValueError("vqa_score: no human answers")
-    pred = normalize_vqa_answer(prediction)
-    if len(human_answers) == 1:
-        return float(pred == normalize_vqa_answer(human_answers[0]))
-    gts = list(human_answers)
-    if len(set(gts)) > 1:
-        gts = [_process_punctuation(a) for a in gts]
+    if len(humans) == 1:  # not an official case: see the docstring
+        return float(normalize_vqa_answer(prediction) == normalize_vqa_answer(humans[0]))
+    pred, gts = _strip(prediction), [_strip(a) for a in humans]
+    if len(set(gts)) > 1:  # the humans disagree: both sides fully processed
+        pred, gts = normalize_vqa_answer(pred), [normalize_vqa_answer(a) for a in gts]
     hits = [g == pred for g in gts]
     m = sum(hits)  # leaving answer i out leaves m - hits[i] matching answers
     return sum(min(1.0, (m - h) / 3) for h in hits) / len(hits)
 
 
-def _human_answers(row: dict, i: int) -> list[str]:
-    """"answer": [str, ...] or str (ALBEF/X-VLM format), or the official "answers": [{"answer": str}, ...]."""
-    answers = row.get("answer", row.get("answers"))
+def human_answers(row: dict) -> list[str]:
+    """The human answers of one VQA row: "answer": [str, ...] or str (ALBEF/X-VLM format), or the official
+    annotation files' "answers": [{"answer": str, ...}, ...]. [] when the row has none (a test split).
+    Raises ValueError when they are there but are not strings."""
+    answers = row.get("answer", row.get("answers", []))
     if isinstance(answers, str):
         answers = [answers]
-    if isinstance(answers, list):
-        answers = [a.get("answer") if isinstance(a, dict) else a for a in answers]
-    if not answers or not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"annotations row {i}: no human answers (expected 'answer': [str, ...] or str)")
+    if not isinstance(answers, list):
+        raise ValueError(f"expected 'answer': [str, ...] or str, got {type(answers).__name__}")
+    answers = [a.get("answer") if isinstance(a, dict) else a for a in answers]
+    if not all(isinstance(a, str) for a in answers):
+        raise ValueError("expected 'answer': [str, ...] or str (or 'answers': [{'answer': str}, ...])")
     return answers
 
 
@@ -141,7 +159,12 @@ def vqa_accuracy(predictions: list[dict], annotations: list[dict]) -> dict:
         if qid in seen:
             raise ValueError(f"annotations row {i}: question_id {qid} appears twice")
         seen.add(qid)
-        humans = _human_answers(row, i)
+        try:
+            humans = human_answers(row)
+        except ValueError as e:
+            raise ValueError(f"annotations row {i}: {e}") from None
+        if not humans:
+            raise ValueError(f"annotations row {i}: no human answers (expected 'answer': [str, ...] or str)")
         missing += qid not in answers
         s = vqa_score(answers[qid], humans) if qid in answers else 0.0
         scores.append(s)

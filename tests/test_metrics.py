@@ -10,8 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from evaluate import (nlvr2_accuracy, nlvr2_consistency, normalize_vqa_answer, retrieval_recall,  # noqa: E402
-                      vqa_accuracy, vqa_score)
+from evaluate import (human_answers, nlvr2_accuracy, nlvr2_consistency, normalize_vqa_answer,  # noqa: E402
+                      retrieval_recall, vqa_accuracy, vqa_score)
 
 
 # ----------------------------------------------------------------------------- VQA normalisation
@@ -49,26 +49,54 @@ def test_vqa_score_leave_one_out(m, expected):
     assert vqa_score("cat", humans) == pytest.approx(expected)
 
 
-def test_vqa_score_all_ten_agree():
-    assert vqa_score("Yes", ["yes"] * 10) == pytest.approx(1.0)
+def test_vqa_score_agreeing_humans_are_compared_raw():
+    # all ten humans agree -> nothing but _strip on either side (master a013f00): case, articles, number words
+    # and punctuation of the prediction are NOT normalised, so only the exact string scores
+    assert vqa_score("yes", ["yes"] * 10) == 1.0
+    assert vqa_score("  yes\n", ["yes"] * 10) == 1.0  # '\n'/'\t' and surrounding spaces go everywhere
+    assert vqa_score("yes", ["yes\t"] * 5 + [" yes"] * 5) == 1.0  # identical once stripped: still "agreeing"
+    for pred in ("Yes", "yes.", "a yes", "YES"):
+        assert vqa_score(pred, ["yes"] * 10) == 0.0
+    assert vqa_score("two", ["2"] * 10) == 0.0 and vqa_score("2", ["two"] * 10) == 0.0
+    assert vqa_score("Two", ["Two"] * 10) == 1.0  # raw equality, capital letters and all
+
+
+def test_vqa_score_disagreeing_humans_normalise_both_sides():
+    # the case: humans disagree -> every answer and the prediction fully processed: "a dog" -> "dog"
+    # matches 3 humans -> 0.9 (the revision before a013f00: prediction "dog" vs humans "dog", "dog", "a dog"
+    # with punctuation processing only -> 2 matches -> 0.6)
+    assert vqa_score("a dog", ["dog", "dog", "a dog"] + ["puppy"] * 7) == pytest.approx(0.9)
+    # case: humans lowercased too now ("Yes" x 9 -> "yes": 10 matches; the old revision found 1 -> 0.3)
+    assert vqa_score("yes", ["Yes"] * 9 + ["yes"]) == 1.0
+    # number words on the human side ("two" -> "2"; old: untouched -> 1 match, 0.3)
+    assert vqa_score("2", ["two", "two", "2"] + ["3"] * 7) == pytest.approx(0.9)
+    # articles and contractions on the human side ("the cat" -> "cat", "dont" -> "don't")
+    assert vqa_score("cat", ["the cat", "a cat"] + ["dog"] * 8) == pytest.approx(0.6)
+    assert vqa_score("don't", ["dont"] * 4 + ["no"] + ["yes"] * 5) == 1.0
+    # punctuation on both sides: "yes!" and "yes." -> "yes" (3 matches), "t-shirt" -> "t shirt" (2)
+    assert vqa_score("yes!", ["yes."] * 3 + ["no"] * 7) == pytest.approx(0.9)
+    assert vqa_score("t shirt", ["t-shirt", "T-Shirt", "shirt"] + ["top"] * 7) == pytest.approx(0.6)
+    assert vqa_score("red, white", ["red white", "red-white"] + ["red"] * 8) == pytest.approx(0.6)
 
 
 def test_vqa_score_single_answer_rows():
+    # OUTSIDE the official rules (there one answer always scores 0): both sides normalised, then compared
     assert vqa_score("yes", ["yes"]) == 1.0
     assert vqa_score("Yes.", ["yes"]) == 1.0
     assert vqa_score("no", ["yes"]) == 0.0
-    assert vqa_score("2", ["two"]) == 1.0  # single answers: both sides normalised
-
-
-def test_vqa_score_human_answers_get_punctuation_only():
-    # humans disagree -> their answers get processPunctuation: "yes." -> "yes": 3 matches -> 0.9
-    assert vqa_score("yes", ["yes."] * 3 + ["no"] * 7) == pytest.approx(0.9)
-    # ... but not lowercasing: only the one "yes" matches -> 0.3
-    assert vqa_score("yes", ["Yes"] * 9 + ["yes"]) == pytest.approx(0.3)
-    # humans agree -> untouched: prediction "two" becomes "2", humans stay "Two" -> 0
-    assert vqa_score("two", ["Two"] * 10) == 0.0
+    assert vqa_score("2", ["two"]) == 1.0
     with pytest.raises(ValueError):
         vqa_score("yes", [])
+
+
+def test_human_answers_formats():
+    assert human_answers({"answer": ["a", "b"]}) == ["a", "b"]
+    assert human_answers({"answer": "a"}) == ["a"]
+    assert human_answers({"answers": [{"answer": "x", "answer_id": 1}, {"answer": "y", "answer_id": 2}]}) == ["x", "y"]
+    assert human_answers({"question": "q"}) == []  # a test split
+    for bad in ({"answer": 3}, {"answer": [1, 2]}, {"answers": [{"id": 1}]}):
+        with pytest.raises(ValueError):
+            human_answers(bad)
 
 
 def vqa_rows():
@@ -79,7 +107,7 @@ def vqa_rows():
         {"question_id": 3, "answer": ["red"] * 2 + ["blue"] * 8, "answer_type": "other", "question_type": "what color"},
         {"question_id": 4, "answer": ["cat"] * 10, "answer_type": "other", "question_type": "what"},
     ]
-    preds = [{"question_id": 1, "answer": "two"}, {"question_id": 2, "answer": "Yes"},
+    preds = [{"question_id": 1, "answer": "two"}, {"question_id": 2, "answer": "yes"},
              {"question_id": "3", "answer": "red"}, {"question_id": 99, "answer": "dog"}]
     return preds, anns
 
