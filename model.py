@@ -210,6 +210,13 @@ def gather_with_grad(t):
     return torch.cat(dist_fn.all_gather(t), 0)
 
 
+def text_keys(ids, mask):
+    """One int64 per text, equal for equal token sequences whatever their padding: a polynomial hash of
+    the real tokens (wrapping int64 arithmetic). ids, mask: [B, T] -> [B]."""
+    powers = torch.full((ids.shape[1],), 1_000_003, dtype=torch.long, device=ids.device).cumprod(0)
+    return ((ids.long() + 1) * mask.long() * powers).sum(1)
+
+
 def sample_negatives(sim, positive, generator=None):
     """One hard negative per row, drawn with probability softmax(sim) over the non-positives.
 
@@ -460,15 +467,17 @@ class EVE(nn.Module):
         # positives: the same image id, or by default the pair's own position across ranks
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         pair_ids = batch.get("image_id", torch.arange(B, device=images.device) + rank * B)
-        img_all, txt_all, ids_all = gather_with_grad(img), gather_with_grad(txt), gather_with_grad(pair_ids)
-        positive = pair_ids[:, None] == ids_all[None, :]  # (B, B*world)
+        keys = text_keys(ids, tmask)  # an identical caption of another image describes this image too
+        img_all, txt_all = gather_with_grad(img), gather_with_grad(txt)
+        ids_all, keys_all = gather_with_grad(pair_ids), gather_with_grad(keys)
+        positive = (pair_ids[:, None] == ids_all[None, :]) | (keys[:, None] == keys_all[None, :])  # (B, B*world)
         targets = positive.float() / positive.sum(1, keepdim=True)
         temp = self.temp.clamp(0.001, 0.5)
         sim_i2t, sim_t2i = img @ txt_all.t() / temp, txt @ img_all.t() / temp
         loss_itc = (F.cross_entropy(sim_i2t.float(), targets) + F.cross_entropy(sim_t2i.float(), targets)) / 2
         # hard negatives from the local batch, never the positive itself
         with torch.no_grad():
-            local_pos = pair_ids[:, None] == pair_ids[None, :]
+            local_pos = (pair_ids[:, None] == pair_ids[None, :]) | (keys[:, None] == keys[None, :])
             neg_img = sample_negatives(txt @ img.t() / temp, local_pos)  # for each text
             neg_txt = sample_negatives(img @ txt.t() / temp, local_pos)  # for each image
         itm_images = torch.cat([images, images[neg_img], images])

@@ -24,7 +24,9 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 190, 70), "blue": (50, 90, 240), 
            "purple": (150, 60, 210), "orange": (250, 140, 30), "white": (245, 245, 245), "cyan": (40, 220, 230)}
 SIZES = ("small", "large")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
-_WORLD_VERSION = 1  # bump when the generator changes, so ensure_shapes_world rebuilds old worlds
+# VQA v2's answer_type of each kind of question (question_type here is the kind itself)
+ANSWER_TYPES = {"colour": "other", "shape": "other", "relation": "other", "count": "number", "existence": "yes/no"}
+_WORLD_VERSION = 2  # bump when the generator changes, so ensure_shapes_world rebuilds old worlds
 
 
 @dataclass(frozen=True)
@@ -110,45 +112,69 @@ def _pick_round_robin(pools, rng, n):
     return out
 
 
-def _captions(objs, rng, n, margin):
-    """n captions, each true of the scene: attributes, counts, relations, whole-scene listings."""
+def _region(o, s):
+    """Where an object's centre lies on a 3 x 3 grid of the image: "top left" ... "bottom right"."""
+    row = ("top", "middle", "bottom")[min(2, int(3 * o.cy / s))]
+    col = ("left", "centre", "right")[min(2, int(3 * o.cx / s))]
+    return f"{row} {col}"
+
+
+def _identity(objs, s):
+    """What every caption of a scene states: its objects (size, colour, shape) and a lone object's region.
+    The scenes of a val or test split have distinct identities, so that each caption names one image."""
+    return tuple(sorted(o.name(True) for o in objs)) + ((_region(objs[0], s),) if len(objs) == 1 else ())
+
+
+def _captions(objs, rng, n, margin, s):
+    """n distinct captions, each true of the scene and naming every object in it (a lone object with its
+    region), so that a caption identifies its image; the kinds add a count, a relation or the background."""
     k = len(objs)
-    attrs = [c for o in objs for c in (_a(o.name(True)), f"there is {_a(o.name(True))}",
-                                       f"{_a(o.name())} in the picture")]
-    counts = [f"{NUMBERS[k]} {_plural('shape', k)}",
-              f"there {'is' if k == 1 else 'are'} {NUMBERS[k]} {_plural('object', k)}"]
-    for colour in {o.colour for o in objs}:
-        m = sum(o.colour == colour for o in objs)
-        counts.append(f"{NUMBERS[m]} {colour} {_plural('object', m)}")
-    for shape in {o.shape for o in objs}:
-        m = sum(o.shape == shape for o in objs)
-        counts.append(f"{NUMBERS[m]} {_plural(shape, m)}")
-    rels = [f"{_a(a.name())} {rel} {_a(b.name())}" for a, b in itertools.permutations(objs, 2)
-            if a.name() != b.name() for rel in _relations(a, b, margin)]  # skip "a red x left of a red x"
-    listing = _listing([_a(o.name(True)) for o in objs])
-    scene = [listing, f"{NUMBERS[k]} {_plural('shape', k)}: {listing}", f"{listing} on a noisy background"]
-    out = _pick_round_robin([attrs, counts, rels, scene], rng, n)
+
+    def listing():  # the objects in a random order
+        order = rng.sample(objs, k)
+        return _listing([_a(o.name(True)) for o in order]) + (f" at the {_region(objs[0], s)}" if k == 1 else "")
+
+    named = [o for o in objs if sum(p.name() == o.name() for p in objs) == 1]  # "the red circle" is unambiguous
+    rels = [(a, rel, b) for a, b in itertools.permutations(named, 2) for rel in _relations(a, b, margin)]
+
+    def relation():
+        a, rel, b = rng.choice(rels)
+        if k == 2:
+            return f"{_a(a.name(True))} {rel} {_a(b.name(True))}"
+        return f"{listing()}; the {a.name()} is {rel} the {b.name()}"
+
+    kinds = [listing, lambda: f"{NUMBERS[k]} {_plural('shape', k)}: {listing()}",
+             lambda: f"{listing()} on a noisy background",
+             lambda: f"there {'is' if k == 1 else 'are'} {NUMBERS[k]} {_plural('object', k)}: {listing()}"]
+    kinds += [relation] if rels else []
+    out = []
+    for attempt in range(20 * n):  # each kind in turn; a one-object scene has few distinct captions
+        caption = kinds[attempt % len(kinds)]()
+        if caption not in out:
+            out.append(caption)
+        if len(out) == n:
+            break
     return out + [out[i % len(out)] for i in range(n - len(out))]  # repeat if too few distinct
 
 
 def _questions(objs, rng, n, margin, yes_no):
-    """Up to n unambiguous (question, canonical answer) pairs; yes_no yields the answer of the next
+    """Up to n unambiguous (question, canonical answer, question type) triples; yes_no yields the answer of the next
     existence question, alternating so that yes and no are balanced over a split."""
     def unique(key, o):
         return sum(key(p) == key(o) for p in objs) == 1
     colour_q, shape_q, count_q, rel_q = [], [], [], []
     for o in objs:
         if unique(lambda p: (p.size, p.shape), o):
-            colour_q.append((f"what color is the {o.size} {o.shape}?", o.colour))
+            colour_q.append((f"what color is the {o.size} {o.shape}?", o.colour, "colour"))
         if unique(lambda p: p.shape, o):
-            colour_q.append((f"what color is the {o.shape}?", o.colour))
+            colour_q.append((f"what color is the {o.shape}?", o.colour, "colour"))
         if unique(lambda p: p.colour, o):
-            shape_q.append((f"what shape is the {o.colour} object?", o.shape))
+            shape_q.append((f"what shape is the {o.colour} object?", o.shape, "shape"))
         if unique(lambda p: (p.size, p.colour), o):
-            shape_q.append((f"what shape is the {o.size} {o.colour} object?", o.shape))
-    count_q.append(("how many shapes are there?", str(len(objs))))
-    count_q += [(f"how many {s}s are there?", str(sum(o.shape == s for o in objs))) for s in SHAPES]
-    count_q += [(f"how many {c} objects are there?", str(sum(o.colour == c for o in objs)))
+            shape_q.append((f"what shape is the {o.size} {o.colour} object?", o.shape, "shape"))
+    count_q.append(("how many shapes are there?", str(len(objs)), "count"))
+    count_q += [(f"how many {s}s are there?", str(sum(o.shape == s for o in objs)), "count") for s in SHAPES]
+    count_q += [(f"how many {c} objects are there?", str(sum(o.colour == c for o in objs)), "count")
                 for c in {o.colour for o in objs}]
     for ref in (o for o in objs if unique(lambda p: (p.colour, p.shape), o)):
         others = [p for p in objs if p is not ref]
@@ -158,19 +184,19 @@ def _questions(objs, rng, n, margin, yes_no):
             if others and all(abs(d) > margin for d in offsets):
                 hits = [p for p in others if rel in _relations(p, ref, margin)]
                 if len(hits) == 1:
-                    rel_q.append((f"what shape is {rel} the {ref.name()}?", hits[0].shape))
-                    rel_q.append((f"what color is the shape {rel} the {ref.name()}?", hits[0].colour))
+                    rel_q.append((f"what shape is {rel} the {ref.name()}?", hits[0].shape, "relation"))
+                    rel_q.append((f"what color is the shape {rel} the {ref.name()}?", hits[0].colour, "relation"))
     out = _pick_round_robin([colour_q, shape_q, count_q, rel_q], rng, max(0, n - 1))
     # one existence question per image, placed at a random position
     yes = next(yes_no)
     present = sorted({(o.colour, o.shape) for o in objs})
     absent = sorted(set(itertools.product(COLOURS, SHAPES)) - set(present))
     colour, shape = rng.choice(present if yes else absent)
-    out.insert(rng.randrange(len(out) + 1), (f"is there {_a(colour + ' ' + shape)}?", "yes" if yes else "no"))
+    out.insert(rng.randrange(len(out) + 1), (f"is there {_a(colour + ' ' + shape)}?", "yes" if yes else "no", "existence"))
     return out[:n]
 
 
-def _human_answers(answer, qid):
+def _annotator_answers(answer, qid):
     """Ten 'human' answers in canonical form, as VQA v2's annotations store them (the official
     evaluation leaves agreeing ground truth untouched, so "Two" would never match "2"). A few
     annotators disagree on some questions (0-3 of 10, a plausible wrong answer), as real ones do."""
@@ -262,19 +288,23 @@ def make_shapes_world(root, seed=0, image_size=64, n_train=4000, n_val=200, n_te
                                                        nlvr2_per_split)):
         rng = random.Random(f"{seed}-text-{split}")
         yes_no = itertools.cycle((True, False))
-        scenes, names, captions, vqa = [], [], [], []
+        scenes, names, captions, vqa, seen = [], [], [], [], set()
         for i in range(n):
             pixels = np.random.default_rng([seed, split_no, i])  # images do not depend on the text
             objs = _scene(pixels, image_size)
+            while split != "train" and _identity(objs, image_size) in seen:  # captions must name one image
+                objs = _scene(pixels, image_size)
+            seen.add(_identity(objs, image_size))
             names.append(f"images/{split}_{i:05d}.png")
             _draw(objs, pixels, image_size).save(paths["root"] / names[-1], format="PNG")
             scenes.append(objs)
             meta.append({"image": names[-1], "objects": [dict(vars(o)) for o in objs]})
-            captions.append(_captions(objs, rng, captions_per_image, margin))
-            for question, answer in _questions(objs, rng, questions_per_image, margin, yes_no):
+            captions.append(_captions(objs, rng, captions_per_image, margin, image_size))
+            for question, answer, kind in _questions(objs, rng, questions_per_image, margin, yes_no):
                 vqa.append({"question_id": qid, "question": question, "image": names[-1],
-                            "answer": _human_answers(answer, qid), "dataset": "shapes"})
-                answers.add(answer)
+                            "answer": _annotator_answers(answer, qid), "dataset": "shapes",
+                            "question_type": kind, "answer_type": ANSWER_TYPES[kind]})
+                answers.update(vqa[-1]["answer"])  # every annotator answer is in the answer list
                 qid += 1
         nlvr2 = _nlvr2_rows(split, scenes, names, n_nlvr2, rng)
         if split == "train":

@@ -186,3 +186,35 @@ def test_msm_without_image_masking_is_masked_text_with_the_full_image():
     out["loss"].backward()
     assert not any(p.requires_grad for p in model.decoder.parameters())
     assert model.mlm_transform[0].weight.grad is not None
+
+
+def test_identical_captions_are_not_each_others_negatives(monkeypatch):
+    """Two images with the same caption: ITC gives that caption to both images as a positive (soft targets
+    1/2, 1/2; checked against the loss written out by hand), and ITM never samples it as a hard negative of
+    either image (it would be a label error: the caption is true of both). Padding does not change a text's
+    identity. (For ITC alone, soft targets over two identical captions give the same loss as one-hot
+    targets: their logits are equal.)"""
+    import model as model_module
+    model = tiny().eval()
+    with torch.no_grad():  # spread the features, so that the targets matter
+        model.itc_image.weight.normal_(0, 1.0)
+        model.itc_text.weight.normal_(0, 1.0)
+        model.temp.fill_(0.001)  # the features of random inputs differ little at init: magnify the differences
+    b = toy_batch()
+    ids, mask = b["text_ids"].clone(), b["text_mask"].clone()
+    ids[1], mask[1] = ids[0], mask[0]  # pair 1 gets pair 0's (padded) caption
+    seen = []
+    sample = model_module.sample_negatives
+    monkeypatch.setattr(model_module, "sample_negatives", lambda sim, positive: seen.append(positive) or sample(sim, positive))
+    got = model.loss_itc_itm(dict(image=b["image"], text_ids=ids, text_mask=mask))[0]["loss_itc"]
+    img, txt = model.image_features(b["image"]), model.text_features(ids, mask)
+    sim = img @ txt.t() / model.temp  # (4, 4); image i's positives: text i, and text 0 <-> text 1
+    targets = torch.eye(4)
+    targets[:2, :2] = 0.5
+    ref = (-(targets * F.log_softmax(sim, 1)).sum(1).mean() - (targets * F.log_softmax(sim.t(), 1)).sum(1).mean()) / 2
+    torch.testing.assert_close(got, ref)
+    assert len(seen) == 2 and all(torch.equal(pos, targets > 0) for pos in seen)  # no hard negative among them
+    from model import text_keys
+    longer = torch.cat([ids, torch.zeros(4, 3, dtype=ids.dtype)], 1)  # the same texts with more padding
+    assert torch.equal(text_keys(ids, mask), text_keys(longer, torch.cat([mask, torch.zeros(4, 3, dtype=torch.bool)], 1)))
+    assert text_keys(ids, mask)[0] == text_keys(ids, mask)[1] != text_keys(ids, mask)[2]

@@ -65,8 +65,8 @@ def test_world_schemas(world):
     for split, n in (("train", 40), ("val", 10), ("test", 10)):
         rows = load(world[f"vqa_{split}"])
         assert len(rows) == 3 * n
-        assert all(set(r) == {"question_id", "question", "image", "answer", "dataset"} and len(r["answer"]) == 10
-                   and r["dataset"] == "shapes" for r in rows)
+        assert all(set(r) == {"question_id", "question", "image", "answer", "dataset", "question_type", "answer_type"}
+                   and len(r["answer"]) == 10 and r["dataset"] == "shapes" for r in rows)
         qids += [r["question_id"] for r in rows]
     assert len(set(qids)) == len(qids)
     for split, n in (("train", 40), ("val", 8), ("test", 8)):
@@ -95,26 +95,34 @@ def _rel(a, b, rel):
     return {"left of": dx < -MARGIN, "right of": dx > MARGIN, "above": dy < -MARGIN, "below": dy > MARGIN}[rel]
 
 
+def _region(o):  # the 3 x 3 grid of the image the captions name a lone object's place by
+    return ("top", "middle", "bottom")[min(2, int(3 * o["cy"] / 64))], ("left", "centre", "right")[min(2, int(3 * o["cx"] / 64))]
+
+
 def caption_is_true(caption, objs):
-    """An independent reading of every caption template; an unknown template counts as false."""
-    listed = re.findall(r"an? (small|large) (\w+) (circle|square|triangle)", caption)
-    if m := re.fullmatch(r"an? (\w+) (\w+) (left of|right of|above|below) an? (\w+) (\w+)", caption):
-        return any(a is not b and (a["colour"], a["shape"]) == m.group(1, 2) and
-                   (b["colour"], b["shape"]) == m.group(4, 5) and _rel(a, b, m.group(3))
-                   for a in objs for b in objs)
-    if m := re.fullmatch(r"(?:(\w+) shapes?: )?(.*?)( on a noisy background)?", caption):
-        if listed and len(listed) > 1 or m.group(1) or m.group(3):
-            return (m.group(1) is None or NUM[m.group(1)] == len(objs) == len(listed)) and \
-                all(_has(objs, c, s, z) for z, c, s in listed)
-    if m := re.fullmatch(r"(?:there (?:is|are) )?(\w+) (shapes?|objects?)", caption):
-        return NUM[m.group(1)] == len(objs)
-    if m := re.fullmatch(r"(\w+) (\w+) objects?", caption):
-        return NUM[m.group(1)] == sum(o["colour"] == m.group(2) for o in objs)
-    if m := re.fullmatch(r"(\w+) (circle|square|triangle)s?", caption):
-        return NUM[m.group(1)] == sum(o["shape"] == m.group(2) for o in objs)
-    if m := re.fullmatch(r"(?:there is )?an? (?:(small|large) )?(\w+) (\w+)(?: in the picture)?", caption):
-        return _has(objs, m.group(2), m.group(3), m.group(1))
-    return False
+    """An independent reading of every caption template: true when it names exactly the scene's objects (size,
+    colour, shape), a lone object's region, and a true count or relation. An unknown template counts as false."""
+    def the(colour, shape):
+        found = [o for o in objs if (o["colour"], o["shape"]) == (colour, shape)]
+        return found[0] if len(found) == 1 else None
+    everything = sorted((o["size"], o["colour"], o["shape"]) for o in objs)
+    obj = r"an? (small|large) (\w+) (circle|square|triangle)"
+    rel = r"(left of|right of|above|below)"
+    if m := re.fullmatch(f"{obj} {rel} {obj}", caption):  # two objects and how they lie
+        a, b = the(*m.group(2, 3)), the(*m.group(6, 7))
+        return sorted([m.group(1, 2, 3), m.group(5, 6, 7)]) == everything and _rel(a, b, m.group(4))
+    m = re.fullmatch(r"(?:(\w+) shapes?: |there (?:is|are) (\w+) objects?: )?(.+?)"
+                     r"(?: at the (top|middle|bottom) (left|centre|right))?"
+                     rf"(?: on a noisy background|; the (\w+) (\w+) is {rel} the (\w+) (\w+))?", caption)
+    listing = re.fullmatch(rf"{obj}((, {obj})* and {obj})?", m.group(3)) if m else None
+    if not listing:
+        return False
+    count = m.group(1) or m.group(2)
+    region = m.group(4, 5) if m.group(4) else None
+    relation = m.group(6) and _rel(the(*m.group(6, 7)), the(*m.group(9, 10)), m.group(8))
+    return (sorted(re.findall(obj, m.group(3))) == everything and (count is None or NUM[count] == len(objs))
+            and (region == _region(objs[0]) if len(objs) == 1 else region is None)
+            and (m.group(6) is None or relation))
 
 
 def test_captions_are_true_and_flip_swap_keeps_them_true(world):
@@ -130,7 +138,19 @@ def test_captions_are_true_and_flip_swap_keeps_them_true(world):
                 kinds["relation" if re.search(" of |above|below", caption) else
                       "count" if is_count else "other"] += 1
     assert min(kinds.values()) >= 5, kinds  # the templates vary
-    assert not caption_is_true("two shapes", [{"shape": "circle", "colour": "red", "size": "small"}])
+    red = {"shape": "circle", "colour": "red", "size": "small", "cx": 10.0, "cy": 10.0}
+    assert caption_is_true("one shape: a small red circle at the top left", [red])
+    assert not caption_is_true("two shapes: a small red circle at the top left", [red])
+    assert not caption_is_true("a small red circle at the bottom left", [red])
+    assert not caption_is_true("a small red circle", [red, red | {"colour": "blue", "cx": 50.0}])  # names one of two
+
+
+def test_each_val_and_test_caption_names_one_image(world):
+    for split in ("val", "test"):
+        owners = {}
+        for row in load(world[f"retrieval_{split}"]):
+            for caption in set(row["caption"]):
+                assert owners.setdefault(caption, row["image"]) == row["image"], (caption, owners[caption], row["image"])
 
 
 def test_swap_left_right():
@@ -183,6 +203,13 @@ def test_vqa_answers_true_normalised_and_in_answer_list(world):
             assert n >= 7 and majority == vqa_truth(row["question"], scenes[row["image"]]), row
             assert set(row["answer"]) <= set(answer_list)
             kinds[" ".join(row["question"].split()[:2])] += 1
+            # the recorded types, read independently from the question's wording (VQA v2's answer types)
+            q = row["question"]
+            kind = ("existence" if q.startswith("is there") else "count" if q.startswith("how many") else
+                    "relation" if re.search(r"(left of|right of|above|below) the", q) else
+                    "colour" if q.startswith("what color") else "shape")
+            answer_type = {"existence": "yes/no", "count": "number"}.get(kind, "other")
+            assert (row["question_type"], row["answer_type"]) == (kind, answer_type), row
         yes_no = Counter(Counter(r["answer"]).most_common(1)[0][0] for r in rows if r["question"].startswith("is there"))
         assert abs(yes_no["yes"] - yes_no["no"]) <= 1, yes_no
     assert set(kinds) == {"what color", "what shape", "how many", "is there"}
