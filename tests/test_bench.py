@@ -5,6 +5,7 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -127,3 +128,24 @@ def test_flop_count_includes_cpu_attention():
     valid = torch.ones(B, 1, 1, S, dtype=torch.bool)
     flops = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=valid))
     assert flops == 2 * (2 * B * H * S * S * d)  # q @ k^T and p @ v
+
+
+def test_peer_without_transformers_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    try:
+        bench.main(["--peer", "--quick", "--device", "cpu"])
+    except SystemExit as e:
+        assert "pip install transformers" in str(e) and "--peer" in str(e)
+    else:
+        raise AssertionError("--peer ran without transformers")
+
+
+def test_peer_keys_and_equal_tokens():
+    """Runs where transformers is installed (it is not a project requirement), e.g. in a --system-site-packages venv."""
+    pytest.importorskip("transformers")
+    cfg = bench.make_config("tiny", vocab_size=100, dim=32, heads=2, depth=2)
+    res = bench.bench_peer(cfg, bench.BenchOptions(), torch.device("cpu"), "fp32", B=2, repeats=1, warmup=0)
+    assert res["peer_tokens_per_sample"] == 1 + 64 + 32
+    for k in ("vilt_step_s", "eve_dense_step_s", "eve_default_step_s"):
+        assert res[k] > 0
+    assert res["eve_dense_vs_vilt_speedup"] == res["vilt_step_s"] / res["eve_dense_step_s"]
