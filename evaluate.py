@@ -1,7 +1,8 @@
-"""Evaluation for EVE: the official metrics as pure functions, model inference, and a command line that scores
-prediction files or fine-tuned checkpoints.
+"""Evaluation for EVE: the official metrics as pure functions, and a command line that scores prediction files
+or fine-tuned checkpoints.
 
-Metrics (standard library + numpy only; this part never imports torch, the model or the data code):
+Metrics (standard library + numpy only; this file imports nothing of the project, so the metrics can be
+used and tested without torch, the model or the data code):
   normalize_vqa_answer, vqa_score, vqa_accuracy   VQA v2, as GT-Vision-Lab/VQA vqaEval.py (master, a013f00)
   retrieval_recall                                 image-text retrieval R@1/5/10, as ALBEF's itm_eval
   nlvr2_accuracy, nlvr2_consistency                NLVR2, as lil-lab/nlvr nlvr2/eval/metrics.py
@@ -13,8 +14,8 @@ Score a fine-tuned checkpoint of finetune.py on its val or test data (the data p
   python evaluate.py --task retrieval --checkpoint runs/finetune_retrieval/best.pt --split test --json
   python evaluate.py --task vqa --checkpoint runs/finetune_vqa/best.pt --split test --predictions vqa_test_preds.json
   (--annotations FILE and --image-root DIR score other data; --k-test sets the retrieval re-ranking depth)
-The inference routines below the metrics (predict_vqa, predict_nlvr2, retrieval_scores, evaluate_split) import
-torch, model.py and data.py inside their bodies; finetune.py uses them for its val and test evaluations.
+Running a model (predictions, retrieval scores, a whole split) is inference.py's; the --checkpoint path imports it
+when it runs.
 """
 
 import argparse
@@ -261,6 +262,30 @@ def nlvr2_consistency(identifiers: list[str] | None, predictions: list, labels: 
     return 100.0 * sum(groups.values()) / len(groups)
 
 
+# ----------------------------------------------------------------------------- printing
+def metrics_table(task, m) -> list:
+    """(name, value) rows for printing a metrics dict (of vqa_accuracy, of the NLVR2 metrics or of
+    retrieval_recall, as inference.evaluate_split returns them)."""
+    if task == "vqa":
+        if "vqa_accuracy" not in m:
+            return [("VQA accuracy", "n/a (no answers: predictions only)"), ("n", str(m["n"]))]
+        rows = [("VQA accuracy", f"{m['vqa_accuracy']:.2f}")]
+        rows += [(f"  {t}", f"{v:.2f}") for t, v in sorted(m["per_type"].get("answer_type", {}).items())]
+        return rows + [(k, str(m[k])) for k in ("n", "missing")]
+    if task == "nlvr2":
+        cons = m["nlvr2_consistency"]
+        return [("NLVR2 accuracy", f"{m['nlvr2_accuracy']:.2f}"),
+                ("NLVR2 consistency", "n/a (no identifiers)" if cons is None else f"{cons:.2f}"), ("n", str(m["n"]))]
+    names = {"txt": "image->text", "img": "text->image"}
+    rows = [(f"{names[s]} R@{k}", f"{m[f'{s}_r{k}']:.2f}") for s in ("txt", "img") for k in (1, 5, 10)]
+    return rows + [("mean recall", f"{m['r_mean']:.2f}")]
+
+
+def format_table(rows) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 # ----------------------------------------------------------------------------- command line: prediction files
 def _read_rows(path: str, what: str) -> list[dict]:
     """A JSON list of objects from `path` (also JSON lines, and the official VQA {"annotations": [...]});
@@ -317,9 +342,7 @@ def score_vqa_files(args, parser) -> tuple[dict, list]:
         m = vqa_accuracy(preds, anns)
     except ValueError as e:  # name both files: the message says which of them and which row
         raise ValueError(f"scoring {args.predictions} against {args.annotations}: {e}") from None
-    table = [("VQA accuracy", f"{m['vqa_accuracy']:.2f}")]
-    table += [(f"  {t}", f"{v:.2f}") for t, v in sorted(m["per_type"].get("answer_type", {}).items())]
-    return m, table + [(k, str(m[k])) for k in ("n", "missing", "unknown", "duplicates")]
+    return m, metrics_table("vqa", m) + [(k, str(m[k])) for k in ("unknown", "duplicates")]
 
 
 def score_nlvr2_files(args, parser) -> tuple[dict, list]:
@@ -344,233 +367,27 @@ def score_nlvr2_files(args, parser) -> tuple[dict, list]:
         guess[i] = _as_label(row["prediction"], where)
     m = {"nlvr2_accuracy": nlvr2_accuracy(guess, labels), "nlvr2_consistency": nlvr2_consistency(ids, guess, labels),
          "n": len(anns), "missing": guess.count(None), "unknown": unknown}
-    cons = "n/a (no identifiers)" if m["nlvr2_consistency"] is None else f"{m['nlvr2_consistency']:.2f}"
-    table = [("NLVR2 accuracy", f"{m['nlvr2_accuracy']:.2f}"), ("NLVR2 consistency", cons)]
-    return m, table + [(k, str(m[k])) for k in ("n", "missing", "unknown")]
-
-
-# ----------------------------------------------------------------------------- checkpoints: inference
-# From here on the code runs a model. torch, the model and the data code are imported inside the functions,
-# so that the metrics above stay importable without torch. finetune.py evaluates with these same functions.
-VAL_METRIC = {"vqa": "vqa_accuracy", "nlvr2": "nlvr2_accuracy", "retrieval": "r_mean"}  # model selection
-NOT_CANDIDATE = -1e4  # retrieval score of a pair outside the query's top-k ITC candidates (ALBEF: -100)
-
-
-def _batches(loader, device, desc):
-    """The loader's batches on `device`, without the collator's count of skipped bad items (--skip-bad: they
-    get no prediction), with a progress bar named desc (none if desc is None)."""
-    from tqdm import tqdm
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=desc is None):
-        batch = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items() if k != "skipped"}
-        if batch:  # empty when every item of the batch was skipped
-            yield batch
-
-
-def _inference(device):
-    """no_grad, plus bf16 autocast on GPU (fp32 on CPU)."""
-    import contextlib
-    import torch
-    import training
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.no_grad())
-    stack.enter_context(training.autocast(device, "auto"))
-    return stack
-
-
-def predict_vqa(model, loader, answers, device):
-    """The highest-scoring answer of each question: [{"question_id", "answer"}], the VQA server's format."""
-    model.eval()
-    preds = []
-    with _inference(device):
-        for b in _batches(loader, device, "eval vqa"):
-            logits, _ = model.vqa_logits(b["image"], b["text_ids"], b["text_mask"])  # (B, num_answers)
-            preds += [{"question_id": q, "answer": answers[k]}
-                      for q, k in zip(b["question_id"].tolist(), logits.argmax(1).tolist())]
-    return preds
-
-
-def predict_nlvr2(model, loader, device):
-    """(predictions, labels, identifiers): 0/1 lists and the rows' identifiers ("" where a row has none)."""
-    model.eval()
-    preds, labels, identifiers = [], [], []
-    with _inference(device):
-        for b in _batches(loader, device, "eval nlvr2"):
-            logits, _ = model.nlvr2_logits(b["image0"], b["image1"], b["text_ids"], b["text_mask"])  # (B, 2)
-            preds += logits.argmax(1).tolist()
-            labels += b["label"].tolist()
-            identifiers += b["identifier"]
-    return preds, labels, identifiers
-
-
-def rerank_topk(sim, k_test, score_pairs):
-    """ALBEF's re-ranking. sim: [N_img, N_txt] ITC similarities. Every image's top k_test texts and every
-    text's top k_test images are re-scored by score_pairs(image_idx [P], text_idx [P]) -> [P] (the ITM head);
-    all other pairs get NOT_CANDIDATE. A pair in both candidate lists is scored once. k_test <= 0: no
-    re-ranking, the ITC similarities themselves. Returns (scores_i2t [N_img, N_txt], scores_t2i [N_txt, N_img])."""
-    import torch
-    if k_test <= 0:
-        return sim.clone(), sim.t().clone()
-    n_img, n_txt = sim.shape
-    top_t = sim.topk(min(k_test, n_txt), dim=1).indices  # (N_img, k): each image's candidate texts
-    top_i = sim.t().topk(min(k_test, n_img), dim=1).indices  # (N_txt, k): each text's candidate images
-    img = torch.cat([torch.arange(n_img).repeat_interleave(top_t.shape[1]), top_i.flatten()])
-    txt = torch.cat([top_t.flatten(), torch.arange(n_txt).repeat_interleave(top_i.shape[1])])
-    pairs, where = torch.unique(img * n_txt + txt, return_inverse=True)  # sorted by image, then text
-    scores = score_pairs(pairs // n_txt, pairs % n_txt).float().cpu()[where]  # back to one score per candidate
-    i2t = torch.full((n_img, n_txt), NOT_CANDIDATE)
-    t2i = torch.full((n_txt, n_img), NOT_CANDIDATE)
-    n = top_t.numel()  # the first n candidates are the images' lists, the rest the texts'
-    i2t[img[:n], txt[:n]] = scores[:n]
-    t2i[txt[n:], img[n:]] = scores[n:]
-    return i2t, t2i
-
-
-def retrieval_scores(model, dataset, tokenizer, k_test, device, batch_size=64, num_workers=0):
-    """Score matrices for retrieval_recall on a RetrievalEvalDataset: ITC similarity of every image-text pair
-    (features in batches), then ITM re-ranking of the top k_test candidates (rerank_topk). The ITM score is
-    the match log-odds, logit[1] - logit[0]: monotonic in the match probability, without its saturation at 1.
-    Returns (scores_i2t [N_img, N_txt], scores_t2i [N_txt, N_img]) as numpy arrays."""
-    import torch
-    import data
-    model.eval()
-    collate = data.Collator(tokenizer, model.cfg.max_text_len)
-    images = data.make_loader(dataset, batch_size, collate, shuffle=False, num_workers=num_workers)
-    texts = collate([{"text": t} for t in dataset.texts])  # text_ids (N_txt, T), text_mask
-    img_feat = torch.zeros(len(dataset), model.cfg.itc_dim)
-    loaded = torch.zeros(len(dataset), dtype=torch.bool)  # False for images skipped as bad (skip_bad)
-    with _inference(device):
-        for b in _batches(images, device, "eval retrieval: image features"):
-            img_feat[b["index"].cpu()] = model.image_features(b["image"]).float().cpu()
-            loaded[b["index"].cpu()] = True
-        txt_feat = torch.cat([model.text_features(texts["text_ids"][s:s + batch_size].to(device),
-                                                  texts["text_mask"][s:s + batch_size].to(device)).float().cpu()
-                              for s in range(0, len(dataset.texts), batch_size)])
-    sim = img_feat @ txt_feat.t()  # (N_img, N_txt)
-    sim[~loaded] = 2 * NOT_CANDIDATE  # a skipped image is nobody's candidate
-
-    # identical captions (frequent in the shapes world) are scored once per image
-    caption_id = {}
-    uid = torch.tensor([caption_id.setdefault(t, len(caption_id)) for t in dataset.texts])  # text -> caption
-    first = torch.full((len(caption_id),), len(uid)).scatter_reduce(0, uid, torch.arange(len(uid)), "amin")
-
-    def itm_scores(img_idx, txt_idx):
-        """ITM log-odds of the pairs (sorted by image): each image is loaded once more, its pairs run in batches."""
-        from tqdm import tqdm
-        pairs, where = torch.unique(img_idx * len(first) + uid[txt_idx], return_inverse=True)
-        img_idx, txt_idx = pairs // len(first), first[pairs % len(first)]
-        out = torch.full((len(pairs),), 2 * NOT_CANDIDATE)  # pairs of skipped images keep a low score
-        bar = tqdm(total=len(pairs), desc="eval retrieval: ITM re-ranking (pairs)", leave=False, dynamic_ncols=True)
-        with _inference(device):
-            for b in _batches(images, device, None):
-                index = b["index"].cpu()
-                lo, hi = torch.searchsorted(img_idx, torch.stack([index[0], index[-1] + 1])).tolist()
-                row_of = torch.full((int(index[-1] - index[0]) + 1,), -1)
-                row_of[index - index[0]] = torch.arange(len(index))  # image index -> row of this batch
-                for s in range(lo, hi, batch_size):
-                    p = torch.arange(s, min(s + batch_size, hi))
-                    rows = row_of[img_idx[p] - index[0]]
-                    p, rows = p[rows >= 0], rows[rows >= 0]
-                    if len(p):
-                        mask = texts["text_mask"][txt_idx[p]]
-                        T = int(mask.sum(1).max())  # drop the columns that are padding in every pair of the chunk
-                        ids, mask = texts["text_ids"][txt_idx[p], :T].to(device), mask[:, :T].to(device)
-                        logits, _ = model.itm_logits(b["image"][rows.to(device)], ids, mask)
-                        out[p] = (logits[:, 1] - logits[:, 0]).float().cpu()
-                bar.update(hi - lo)
-        bar.close()
-        return out[where]
-
-    i2t, t2i = rerank_topk(sim, k_test, itm_scores)
-    return i2t.numpy(), t2i.numpy()
-
-
-# ----------------------------------------------------------------------------- checkpoints: scoring a split
-def evaluate_split(task, model, tokenizer, json_path, image_root, device, answers=None, k_test=16, batch_size=64,
-                   num_workers=0, skip_bad=False, predictions_path=None) -> dict:
-    """Metrics of `model` on one split file: vqa_accuracy (+ per_type, n, missing), nlvr2_accuracy and
-    nlvr2_consistency, or txt_r1 ... img_r10 and r_mean. predictions_path: where to write VQA predictions
-    ([{"question_id", "answer"}]) or NLVR2 ones ([{"identifier" or "index", "prediction"}]). VQA rows
-    without answers (a test-dev split) give predictions only. Raises data.DataError on bad data."""
-    import data
-    size = model.cfg.image_size
-    if task == "retrieval":
-        dataset = data.RetrievalEvalDataset(json_path, image_root, size, skip_bad)
-        i2t, t2i = retrieval_scores(model, dataset, tokenizer, k_test, device, batch_size, num_workers)
-        return retrieval_recall(i2t, t2i, dataset.img2txt, dataset.txt2img)
-    if task not in ("vqa", "nlvr2"):
-        raise ValueError(f"unknown task {task!r}; choose from {sorted(VAL_METRIC)}")
-    dataset = (data.VQADataset if task == "vqa" else data.NLVR2Dataset)(json_path, image_root, size, skip_bad=skip_bad)
-    loader = data.make_loader(dataset, batch_size, data.Collator(tokenizer, model.cfg.max_text_len), shuffle=False,
-                              num_workers=num_workers)
-    if task == "vqa":
-        rows = predict_vqa(model, loader, answers, device)
-        has_answers = all(r.get("answer") for r in dataset.rows)
-        metrics = vqa_accuracy(rows, dataset.rows) if has_answers else {"n": len(dataset.rows)}
-    else:
-        preds, labels, ids = predict_nlvr2(model, loader, device)
-        rows = [({"identifier": x} if x else {"index": i}) | {"prediction": str(bool(p))}  # index: file order
-                for i, (x, p) in enumerate(zip(ids, preds))]
-        metrics = {"nlvr2_accuracy": nlvr2_accuracy(preds, labels),
-                   "nlvr2_consistency": nlvr2_consistency(ids, preds, labels), "n": len(labels)}
-    if predictions_path:
-        with open(predictions_path, "w", encoding="utf-8") as f:
-            json.dump(rows, f)
-    return metrics
-
-
-def metrics_table(task, m) -> list:
-    """(name, value) rows for printing a metrics dict of evaluate_split."""
-    if task == "vqa":
-        if "vqa_accuracy" not in m:
-            return [("VQA accuracy", "n/a (no answers: predictions only)"), ("n", str(m["n"]))]
-        rows = [("VQA accuracy", f"{m['vqa_accuracy']:.2f}")]
-        rows += [(f"  {t}", f"{v:.2f}") for t, v in sorted(m["per_type"].get("answer_type", {}).items())]
-        return rows + [(k, str(m[k])) for k in ("n", "missing")]
-    if task == "nlvr2":
-        cons = m["nlvr2_consistency"]
-        return [("NLVR2 accuracy", f"{m['nlvr2_accuracy']:.2f}"),
-                ("NLVR2 consistency", "n/a (no identifiers)" if cons is None else f"{cons:.2f}"), ("n", str(m["n"]))]
-    names = {"txt": "image->text", "img": "text->image"}
-    rows = [(f"{names[s]} R@{k}", f"{m[f'{s}_r{k}']:.2f}") for s in ("txt", "img") for k in (1, 5, 10)]
-    return rows + [("mean recall", f"{m['r_mean']:.2f}")]
-
-
-def format_table(rows) -> str:
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def load_finetuned(path, device):
-    """(model, tokenizer, checkpoint) of a finetune.py checkpoint (best.pt or last.pt), weights loaded strictly."""
-    import training
-    from model import EVE, EVEConfig
-    from tokenization import WordPieceTokenizer
-    ckpt = training.load_checkpoint(path)
-    if "finetune_config" not in ckpt:
-        raise ValueError(f"{path} is not a finetune.py checkpoint (no 'finetune_config'; a pretrain.py "
-                         f"checkpoint has no task head: fine-tune it first)")
-    model = EVE(EVEConfig(**ckpt["config"])).to(device)
-    training.load_model_state(model, ckpt["model"], path)
-    return model, WordPieceTokenizer(ckpt["vocab"]), ckpt
+    return m, metrics_table("nlvr2", m) + [(k, str(m[k])) for k in ("missing", "unknown")]
 
 
 def score_checkpoint(args, parser) -> tuple[dict, list]:
     """--checkpoint: run the fine-tuned model on --split of its own data (paths stored in the checkpoint;
     --annotations and --image-root override them); --predictions then names the file to write."""
-    import torch
+    import torch  # the model is needed only here: the metrics above stay free of torch and the project
     import data
+    import inference
     import training
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, ckpt = load_finetuned(args.checkpoint, device)
+    model, tokenizer, ckpt = inference.load_finetuned(args.checkpoint, device)
     fc = ckpt["finetune_config"]
     if fc["task"] != args.task:
         raise ValueError(f"{args.checkpoint} was fine-tuned for --task {fc['task']}, not {args.task}")
     json_path = args.annotations or fc[f"{args.split}_json"]
     k_test = fc["k_test"] if args.k_test is None else args.k_test
     try:
-        m = evaluate_split(args.task, model, tokenizer, json_path, args.image_root or fc["image_root"], device,
-                           answers=ckpt.get("answers"), k_test=k_test, batch_size=args.batch_size,
-                           num_workers=args.num_workers, predictions_path=args.predictions)
+        m = inference.evaluate_split(args.task, model, tokenizer, json_path, args.image_root or fc["image_root"], device,
+                                     answers=ckpt.get("answers"), k_test=k_test, batch_size=args.batch_size,
+                                     num_workers=args.num_workers, predictions_path=args.predictions)
     except data.DataError as e:  # one clean line, also for errors raised in loader workers
         raise training.data_error_exit(e) from None
     return m, [("checkpoint", f"{args.checkpoint} (step {ckpt.get('step')})"), ("data", str(json_path))] + \

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 import data
 import evaluate
+import inference
 import training
 from model import EVE, EVEConfig, make_config
 from shapes import shapes_world
@@ -86,18 +87,13 @@ SOFT_SCORES = (0.0, 0.3, 0.6, 0.9, 1.0)  # VQA target of an answer given by 0, 1
 
 # ---- VQA answers -------------------------------------------------------------------------
 
-def _human_answers(row):
-    answers = row.get("answer", [])
-    return [answers] if isinstance(answers, str) else answers
-
-
 def answer_vocabulary(rows, min_count):
     """The answers that are the majority answer of at least min_count training questions, most frequent
     first. Counting each question's majority answer (VQA v2's multiple_choice_answer) is the recipe of
     bottom-up attention, ViLT and VLMo: on VQA v2 train+val with min_count=9 it gives their 3,129 classes."""
     majority = Counter()
     for row in rows:
-        answers = [evaluate.normalize_vqa_answer(a) for a in _human_answers(row)]
+        answers = [evaluate.normalize_vqa_answer(a) for a in evaluate.human_answers(row)]
         if answers:
             majority[Counter(answers).most_common(1)[0][0]] += 1
     return sorted((a for a, n in majority.items() if n >= min_count), key=lambda a: (-majority[a], a))
@@ -138,8 +134,8 @@ def vqa_answers(fc, rows, verbose=True):
         raise SystemExit(f"error: the answer vocabulary is empty (--answer-vocab {fc.answer_vocab}: no answer is the "
                          f"majority answer of {fc.min_answer_count} training questions, or an empty --answer-list)")
     index = {a: i for i, a in enumerate(answers)}
-    per_row = [soft_scores(_human_answers(r), index) for r in rows]
-    n_humans = sum(len(_human_answers(r)) for r in rows)
+    per_row = [soft_scores(evaluate.human_answers(r), index) for r in rows]
+    n_humans = sum(len(evaluate.human_answers(r)) for r in rows)
     ignored, no_target = sum(n for _, n in per_row), sum(not s for s, _ in per_row)
     if verbose:
         print(f"answer vocabulary: {len(answers)} answers ({fc.answer_vocab}); {ignored} of {n_humans} human answers "
@@ -254,7 +250,7 @@ def run(fc, overrides, rank, world, device):
     model.freeze_unused_heads(objective)
     opt, sched = training.make_optimizer(model, fc)
     step = training.restore(resume, resume_path, model, opt, sched, rank, world) if resume else 0
-    out_dir, key = Path(fc.out_dir), evaluate.VAL_METRIC[fc.task]
+    out_dir, key = Path(fc.out_dir), inference.VAL_METRIC[fc.task]
     best_path = out_dir / "best.pt"
     best = {"metric": -math.inf, "step": 0, "val": None}  # the val score of best.pt
     if resume:  # best.pt may be newer than the resume checkpoint
@@ -271,9 +267,9 @@ def run(fc, overrides, rank, world, device):
 
     def score(split, step):
         predictions = out_dir / f"{fc.task}_{split}_predictions.json" if fc.task != "retrieval" else None
-        metrics = evaluate.evaluate_split(fc.task, model, tokenizer, getattr(fc, f"{split}_json"), fc.image_root, device,
-                                          answers=answers, k_test=fc.k_test, batch_size=2 * fc.batch_size,
-                                          num_workers=fc.num_workers, skip_bad=fc.skip_bad, predictions_path=predictions)
+        metrics = inference.evaluate_split(fc.task, model, tokenizer, getattr(fc, f"{split}_json"), fc.image_root, device,
+                                           answers=answers, k_test=fc.k_test, batch_size=2 * fc.batch_size,
+                                           num_workers=fc.num_workers, skip_bad=fc.skip_bad, predictions_path=predictions)
         log.write(step=step, split=split, **metrics)
         return metrics
 

@@ -1,4 +1,4 @@
-"""finetune.py and the checkpoint half of evaluate.py, on a tiny shapes world with a tiny model."""
+"""finetune.py, inference.py and evaluate.py's --checkpoint path, on a tiny shapes world with a tiny model."""
 import json
 import subprocess
 import sys
@@ -11,6 +11,7 @@ import torch
 import data
 import evaluate
 import finetune
+import inference
 import pretrain
 import shapes
 import tokenization
@@ -161,7 +162,7 @@ def test_retrieval_reranking_with_stub_itm():
     dataset = PairImages(n)
     tokenizer = tokenization.WordPieceTokenizer(tokenization.build_vocab(dataset.texts))
     model = StubModel(tokenizer, n)
-    i2t, t2i = evaluate.retrieval_scores(model, dataset, tokenizer, k_test=2, device=torch.device("cpu"), batch_size=4)
+    i2t, t2i = inference.retrieval_scores(model, dataset, tokenizer, k_test=2, device=torch.device("cpu"), batch_size=4)
     # ITC alone ranks every true pair second; re-ranking its top 2 by the ITM stub puts it first
     sim = torch.eye(n) * 0.6 + torch.eye(n).roll(-1, dims=1) * 0.8  # sim[i, t]: 0.8 where t = i - 1
     itc = evaluate.retrieval_recall(sim.numpy(), sim.t().numpy(), dataset.img2txt, dataset.txt2img)
@@ -174,7 +175,7 @@ def test_retrieval_reranking_with_stub_itm():
     for i in range(n):
         for t in range(n):
             if (i, t) not in candidates:
-                assert i2t[i, t] == evaluate.NOT_CANDIDATE and t2i[t, i] == evaluate.NOT_CANDIDATE
+                assert i2t[i, t] == inference.NOT_CANDIDATE and t2i[t, i] == inference.NOT_CANDIDATE
 
 
 def test_retrieval_scores_identical_captions_once():
@@ -182,7 +183,7 @@ def test_retrieval_scores_identical_captions_once():
     dataset = PairImages(4, texts=["c0", "c1", "c2", "c0"])
     tokenizer = tokenization.WordPieceTokenizer(tokenization.build_vocab(dataset.texts))
     model = StubModel(tokenizer, 4)
-    i2t, t2i = evaluate.retrieval_scores(model, dataset, tokenizer, k_test=4, device=torch.device("cpu"), batch_size=3)
+    i2t, t2i = inference.retrieval_scores(model, dataset, tokenizer, k_test=4, device=torch.device("cpu"), batch_size=3)
     assert sorted(model.scored) == [(i, t) for i in range(4) for t in range(3)]  # every image x distinct caption
     assert (i2t[:, 0] == i2t[:, 3]).all() and (t2i[0] == t2i[3]).all() and i2t[0, 0] == 5 and i2t[1, 0] == -5  # log-odds
 
@@ -196,12 +197,12 @@ def test_rerank_topk_never_scores_outside_topk():
         asked.extend(zip(img.tolist(), txt.tolist()))
         return torch.ones(len(img))
 
-    i2t, t2i = evaluate.rerank_topk(sim, 3, score)
+    i2t, t2i = inference.rerank_topk(sim, 3, score)
     top_t, top_i = sim.topk(3, dim=1).indices, sim.t().topk(3, dim=1).indices
     allowed = {(i, t) for i in range(7) for t in top_t[i].tolist()} | {(i, t) for t in range(20) for i in top_i[t].tolist()}
     assert set(asked) == allowed and len(asked) == len(allowed)
     assert ((i2t == 1).sum(1) == 3).all() and ((t2i == 1).sum(1) == 3).all()
-    i2t, t2i = evaluate.rerank_topk(sim, 0, None)  # k_test 0: ITC only
+    i2t, t2i = inference.rerank_topk(sim, 0, None)  # k_test 0: ITC only
     assert torch.equal(i2t, sim) and torch.equal(t2i, sim.t())
 
 
@@ -265,20 +266,20 @@ def test_evaluation_skips_bad_images(finetuned, world, tmp_path):
     """--skip-bad: a question whose image is missing gets no prediction (counted as missing); a retrieval
     image that is missing is never retrieved, and the rest is still scored."""
     cpu = torch.device("cpu")
-    model, tokenizer, ckpt = evaluate.load_finetuned(finetuned["vqa"].out / "best.pt", cpu)
+    model, tokenizer, ckpt = inference.load_finetuned(finetuned["vqa"].out / "best.pt", cpu)
     rows = json.loads(Path(world["vqa_val"]).read_text())
     rows[1]["image"] = "images/nowhere.png"
     bad = tmp_path / "vqa_val.json"
     bad.write_text(json.dumps(rows))
-    m = evaluate.evaluate_split("vqa", model, tokenizer, bad, world["root"], cpu, answers=ckpt["answers"],
+    m = inference.evaluate_split("vqa", model, tokenizer, bad, world["root"], cpu, answers=ckpt["answers"],
                                 batch_size=1, skip_bad=True)
     assert m["missing"] == 1 and m["n"] == len(rows)
-    model, tokenizer, ckpt = evaluate.load_finetuned(finetuned["retrieval"].out / "best.pt", cpu)
+    model, tokenizer, ckpt = inference.load_finetuned(finetuned["retrieval"].out / "best.pt", cpu)
     rows = json.loads(Path(world["retrieval_val"]).read_text())
     rows[0]["image"] = "images/nowhere.png"
     bad = tmp_path / "retrieval_val.json"
     bad.write_text(json.dumps(rows))
     dataset = data.RetrievalEvalDataset(bad, world["root"], model.cfg.image_size, skip_bad=True)
-    i2t, t2i = evaluate.retrieval_scores(model, dataset, tokenizer, 4, cpu, batch_size=3)
-    assert (t2i[:, 0] <= evaluate.NOT_CANDIDATE).all() and (i2t[0] <= evaluate.NOT_CANDIDATE).all()
-    assert (i2t[1:] > evaluate.NOT_CANDIDATE).sum() > 0
+    i2t, t2i = inference.retrieval_scores(model, dataset, tokenizer, 4, cpu, batch_size=3)
+    assert (t2i[:, 0] <= inference.NOT_CANDIDATE).all() and (i2t[0] <= inference.NOT_CANDIDATE).all()
+    assert (i2t[1:] > inference.NOT_CANDIDATE).sum() > 0

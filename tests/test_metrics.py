@@ -227,6 +227,15 @@ def test_nlvr2_accuracy_and_consistency():
 
 
 # ----------------------------------------------------------------------------- command line
+def test_metrics_import_nothing_of_the_project():
+    # evaluate.py's metrics are pure: importing it loads neither torch nor any module of this project
+    code = ("import sys, evaluate; project = {p.stem for p in __import__('pathlib').Path('.').glob('*.py')}; "
+            "print(sorted((project - {'evaluate'}) & set(sys.modules)), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]", "False"]
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "evaluate.py", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
