@@ -51,3 +51,106 @@ def test_build_vocab_covers_its_corpus():
     assert tokenization.WordPieceTokenizer(small).unk_id not in tokenization.WordPieceTokenizer(small).encode("zebras")
     assert "sat" not in tokenization.build_vocab(corpus, min_freq=2) and "cat" in tokenization.build_vocab(corpus, min_freq=2)
 
+
+
+# --- byte-level BPE -------------------------------------------------------------------------------
+# A hand-made RoBERTa-style vocabulary (ids are list positions) and merges, best first. The expected
+# ids below were worked out by hand (and agree with HF's AutoTokenizer on the same files).
+BPE_VOCAB = ["<s>", "<pad>", "</s>", "<unk>", "<mask>",
+             "H", "e", "l", "o", "Ġ", "w", "r", "d", "a", "c", "f", "Ã", "©", "'", "s", "i", "t",  # 5-21: bytes
+             "lo", "ll", "el", "He", "ello", "Ġw", "or", "Ġwor", "aa", "Ã©", "ca"]                    # 22-32: merges
+BPE_MERGES = ["l o", "l l", "e l", "H e", "el lo", "Ġ w", "o r", "Ġw or", "a a", "Ã ©", "c a"]
+
+
+def bpe(**kw):
+    return tokenization.BytePairTokenizer(BPE_VOCAB, BPE_MERGES, **kw)
+
+
+def test_byte_to_char_table():
+    table = tokenization.byte_to_char()
+    assert len(set(table.values())) == 256
+    # printable Latin-1 stands for itself; the 68 others are shifted to 256+ in byte order:
+    # bytes 0-32 -> U+0100-U+0120, 127-160 -> U+0121-U+0142, 173 -> U+0143
+    assert table[ord("a")] == "a" and table[0xA9] == "©" and table[0xC3] == "Ã"
+    assert (table[0], table[10], table[32], table[127], table[160], table[0xAD]) == ("Ā", "Ċ", "Ġ", "ġ", "ł", "Ń")
+
+
+def test_gpt2_pre_tokenization():
+    pre = tokenization.pre_tokenize
+    assert pre("Hello  world") == ["Hello", " ", " world"]  # the last space of a run joins the word
+    assert pre("x   ") == ["x", "   "] and pre("a\n\nb") == ["a", "\n", "\n", "b"]  # \s+(?!\S), then \s+
+    assert pre("don't stop") == ["don", "'t", " stop"] and pre("it's") == ["it", "'s"]
+    assert pre("DON'T") == ["DON", "'", "T"]  # contractions are lowercase only
+    assert pre("3.14 abc123") == ["3", ".", "14", " abc", "123"] and pre("hi!!! ?") == ["hi", "!!!", " ?"]
+    assert pre("café 中文 ٣½") == ["café", " 中文", " ٣½"]  # letters and numbers of any script
+    assert pre("a\u00a0b") == ["a", "\u00a0", "b"]  # NBSP is whitespace but only " " joins a word
+    assert pre("a \x1cb") == ["a", " \x1c", "b"]  # U+001C: str.isspace() says yes, the GPT-2 regex's \s no
+
+
+def test_bpe_merges_by_rank_bytes_and_ids():
+    tok = bpe()
+    # H e l l o: "l o" (rank 0) beats "l l" (1), then "e l" (2) beats "H e" (3), then "el lo" (4)
+    assert tok.tokenize("Hello") == ["H", "ello"]
+    assert tok.tokenize("Hello world") == ["H", "ello", "Ġwor", "l", "d"]  # " world": Ġw, or, Ġwor; no "l d"
+    assert tok.encode("Hello world") == [0, 5, 26, 29, 7, 12, 2]
+    assert tok.encode(" café") == [0, 9, 32, 15, 31, 2]  # é is the bytes C3 A9 = "Ã©"
+    assert tok.encode("aaa") == [0, 30, 13, 2]  # a repeated pair merges left to right
+    assert tok.encode("it's") == [0, 20, 21, 18, 19, 2]
+    assert tok.encode("Hexllo") == [0, 5, 26, 2]  # "x" is not in the vocabulary: dropped before merging
+    assert tok.encode("Hello world  ") == [0, 5, 26, 29, 7, 12, 9, 9, 2]
+    assert tok.encode("Hello world", max_len=4) == [0, 5, 26, 2]  # truncated, </s> kept
+    assert bpe(add_prefix_space=True).encode("Hello") == [0, 9, 5, 26, 2]
+    assert bpe(add_prefix_space=True).encode(" café") == [0, 9, 32, 15, 31, 2] and bpe(add_prefix_space=True).encode("") == [0, 2]
+    assert tok.decode([0, 5, 26, 29, 7, 12, 2, 1, 1]) == "Hello world" and tok.decode([9, 32, 15, 31]) == " café"
+    assert tok.decode([16]) == "\ufffd"  # half of a UTF-8 character
+    assert (tok.cls_id, tok.pad_id, tok.sep_id, tok.unk_id, tok.mask_id) == (0, 1, 2, 3, 4)
+    assert tok.special_ids == {0, 1, 2, 3, 4} and len(tok) == len(BPE_VOCAB)
+    with pytest.raises(ValueError, match="max_len"):
+        tok.encode("Hello", max_len=1)
+
+
+def test_bpe_files_and_errors(tmp_path):
+    import json
+    d = tmp_path / "bpe"
+    d.mkdir()
+    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(BPE_VOCAB)}, ensure_ascii=False), encoding="utf-8")
+    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(BPE_MERGES) + "\n", encoding="utf-8")
+    (d / "tokenizer_config.json").write_text(json.dumps({"add_prefix_space": True, "mask_token": {"content": "<mask>", "lstrip": True}}))
+    tok = tokenization.BytePairTokenizer.from_dir(d)
+    assert tok.merges == BPE_MERGES and tok.vocab == BPE_VOCAB and tok.add_prefix_space
+    assert tok.encode("Hello") == [0, 9, 5, 26, 2]
+    tok.save(tmp_path / "again")
+    again = tokenization.BytePairTokenizer.from_dir(tmp_path / "again")
+    assert again.state == tok.state
+    # BERT-named specials come from the config (RoBERTa frames a text with cls_token ... sep_token)
+    renamed = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"] + BPE_VOCAB[5:]
+    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(renamed)}, ensure_ascii=False), encoding="utf-8")
+    (d / "special_tokens_map.json").write_text(json.dumps({"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                                                           "unk_token": "[UNK]", "mask_token": "[MASK]"}))
+    assert tokenization.BytePairTokenizer.from_dir(d).encode("Hello") == [0, 9, 5, 26, 2]
+    (d / "merges.txt").write_text("l o\nl x\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"merge 2 \('l x'\)"):
+        tokenization.BytePairTokenizer.from_dir(d)
+    (d / "vocab.json").write_text(json.dumps({"a": 0, "b": 2}))
+    with pytest.raises(ValueError, match="vocab.json: token 'b' has id 2"):
+        tokenization.BytePairTokenizer.from_dir(d)
+    with pytest.raises(ValueError, match="lacks the special tokens"):
+        tokenization.BytePairTokenizer(["a", "<s>"], [])
+    with pytest.raises(ValueError, match="vocab.json: no such file"):
+        tokenization.BytePairTokenizer.from_dir(tmp_path)
+
+
+def test_tokenizers_through_a_checkpoint(tmp_path):
+    import torch
+    tok = bpe(add_prefix_space=True, max_len=5)
+    wp = tokenization.WordPieceTokenizer(VOCAB)
+    torch.save({"vocab": tok.state, "old": wp.vocab}, tmp_path / "ckpt.pt")  # "old": a checkpoint before BPE
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    back = tokenization.tokenizer_from_state(ckpt["vocab"], max_len=5)
+    assert isinstance(back, tokenization.BytePairTokenizer) and back.state == tok.state
+    assert back.encode("Hello world") == tok.encode("Hello world") == [0, 9, 5, 26, 2]
+    old = tokenization.tokenizer_from_state(ckpt["old"])
+    assert isinstance(old, tokenization.WordPieceTokenizer) and old.vocab == VOCAB and old.state == VOCAB
+    assert old.tokenize("unaffable") == ["un", "##aff", "##able"]
+    with pytest.raises(ValueError, match="not a stored tokenizer"):
+        tokenization.tokenizer_from_state({"format": "sentencepiece"})
