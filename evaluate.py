@@ -13,7 +13,7 @@ Score a predictions file (prints a table; --json prints one JSON object, the met
 Score a fine-tuned checkpoint of finetune.py on its val or test data (the data paths are stored in it):
   python evaluate.py --task retrieval --checkpoint runs/finetune_retrieval/best.pt --split test --json
   python evaluate.py --task vqa --checkpoint runs/finetune_vqa/best.pt --split test --predictions vqa_test_preds.json
-  (--annotations FILE and --image-root DIR score other data; --k-test sets the retrieval re-ranking depth)
+  (--annotations FILE and --image-root DIR score other data; --k-test and --rank set the retrieval re-ranking)
 Running a model (predictions, retrieval scores, a whole split) is inference.py's; the --checkpoint path imports it
 when it runs.
 """
@@ -384,10 +384,14 @@ def score_checkpoint(args, parser) -> tuple[dict, list]:
         raise ValueError(f"{args.checkpoint} was fine-tuned for --task {fc['task']}, not {args.task}")
     json_path = args.annotations or fc[f"{args.split}_json"]
     k_test = fc["k_test"] if args.k_test is None else args.k_test
+    rank = fc.get("rank", "itm") if args.rank is None else args.rank  # checkpoints older than the option: itm
+    if rank not in inference.RANK_MODES:
+        parser.error(f"--rank must be one of {', '.join(inference.RANK_MODES)}, not {rank!r}")
     try:
-        m = inference.evaluate_split(args.task, model, tokenizer, json_path, args.image_root or fc["image_root"], device,
-                                     answers=ckpt.get("answers"), k_test=k_test, batch_size=args.batch_size,
-                                     num_workers=args.num_workers, predictions_path=args.predictions)
+        m = inference.evaluate_split(args.task, model, tokenizer, json_path, args.image_root or fc["image_root"],
+                                     device, answers=ckpt.get("answers"), k_test=k_test, rank=rank,
+                                     batch_size=args.batch_size, num_workers=args.num_workers,
+                                     predictions_path=args.predictions)
     except data.DataError as e:  # one clean line, also for errors raised in loader workers
         raise training.data_error_exit(e) from None
     return m, [("checkpoint", f"{args.checkpoint} (step {ckpt.get('step')})"), ("data", str(json_path))] + \
@@ -416,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--split", default="val", choices=["val", "test"], help="which of its data splits")
     group.add_argument("--image-root", help="folder of the images (default: the checkpoint's)")
     group.add_argument("--k-test", type=int, help="retrieval: ITM re-ranking candidates, 0 = ITC only (default: the checkpoint's)")
+    group.add_argument("--rank", help="retrieval: rank those candidates by itc (similarity), itm (log-odds) or itc+itm "
+                       "(ITC logit + ITM log-odds) (default: the checkpoint's)")
     group.add_argument("--batch-size", type=int, default=64, help="images or pairs per forward pass")
     group.add_argument("--num-workers", type=int, default=0, help="data loader processes")
     return parser

@@ -63,6 +63,7 @@ class FinetuneConfig:
     weight_decay: float = 0.05  # AdamW decay on matrices only
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     k_test: int = 16  # retrieval: ITM re-ranks each query's top k_test ITC candidates (ALBEF: 128/256); 0 = ITC only
+    rank: str = "itc+itm"  # retrieval: candidates ranked by itc | itm (ALBEF) | itc+itm (ITC logit + ITM log-odds)
     dtype: str = "auto"  # auto (bf16 on GPU) | fp32 | bf16
     compile: bool = False  # torch.compile the model
     num_workers: int = 2  # data loader processes
@@ -208,6 +209,8 @@ def main(argv=None):
     fc = FinetuneConfig(**training.pick_fields(args, FinetuneConfig))
     if fc.task not in TRAIN_OBJECTIVE:
         raise SystemExit(f"error: --task must be one of {sorted(TRAIN_OBJECTIVE)}, not {fc.task!r}")
+    if fc.rank not in inference.RANK_MODES:
+        raise SystemExit(f"error: --rank must be one of {', '.join(inference.RANK_MODES)}, not {fc.rank!r}")
     overrides = training.pick_fields(args, EVEConfig, skip_none=True)
     overrides = {k: v for k, v in overrides.items() if k not in ("num_answers", "nlvr2_head")}  # set by the task
     rank, world, _, device = training.setup_distributed(fc.seed)
@@ -267,9 +270,10 @@ def run(fc, overrides, rank, world, device):
 
     def score(split, step):
         predictions = out_dir / f"{fc.task}_{split}_predictions.json" if fc.task != "retrieval" else None
-        metrics = inference.evaluate_split(fc.task, model, tokenizer, getattr(fc, f"{split}_json"), fc.image_root, device,
-                                           answers=answers, k_test=fc.k_test, batch_size=2 * fc.batch_size,
-                                           num_workers=fc.num_workers, skip_bad=fc.skip_bad, predictions_path=predictions)
+        metrics = inference.evaluate_split(fc.task, model, tokenizer, getattr(fc, f"{split}_json"), fc.image_root,
+                                           device, answers=answers, k_test=fc.k_test, rank=fc.rank,
+                                           batch_size=2 * fc.batch_size, num_workers=fc.num_workers,
+                                           skip_bad=fc.skip_bad, predictions_path=predictions)
         log.write(step=step, split=split, **metrics)
         return metrics
 

@@ -18,6 +18,7 @@ from tokenization import WordPieceTokenizer
 
 VAL_METRIC = {"vqa": "vqa_accuracy", "nlvr2": "nlvr2_accuracy", "retrieval": "r_mean"}  # model selection
 NOT_CANDIDATE = -1e4  # retrieval score of a pair outside the query's top-k ITC candidates (ALBEF: -100)
+RANK_MODES = ("itc", "itm", "itc+itm")  # how retrieval ranks a query's top-k candidates: see rerank_topk
 
 
 # ----------------------------------------------------------------------------- predictions
@@ -63,12 +64,19 @@ def predict_nlvr2(model, loader, device):
     return preds, labels, identifiers
 
 
-def rerank_topk(sim, k_test, score_pairs):
-    """ALBEF's re-ranking. sim: [N_img, N_txt] ITC similarities. Every image's top k_test texts and every
-    text's top k_test images are re-scored by score_pairs(image_idx [P], text_idx [P]) -> [P] (the ITM head);
-    all other pairs get NOT_CANDIDATE. A pair in both candidate lists is scored once. k_test <= 0: no
-    re-ranking, the ITC similarities themselves. Returns (scores_i2t [N_img, N_txt], scores_t2i [N_txt, N_img])."""
-    if k_test <= 0:
+def rerank_topk(sim, k_test, score_pairs, rank="itc+itm", temp=1.0):
+    """ALBEF's re-ranking, with a choice of score for the candidates. sim: [N_img, N_txt] ITC similarities.
+    Every image's top k_test texts and every text's top k_test images are the candidates; score_pairs(image_idx
+    [P], text_idx [P]) -> [P] gives their ITM score (the match log-odds). rank (RANK_MODES):
+      itc      the ITC similarities themselves, no ITM (also what k_test <= 0 gives);
+      itm      a candidate's score is its ITM score alone (ALBEF's), so an untrained ITM head can scramble
+               a good ITC order;
+      itc+itm  a candidate's score is sim / temp (the ITC logit) + its ITM score: both heads vote.
+    With itm and itc+itm every other pair gets NOT_CANDIDATE, below every candidate. A pair in both candidate
+    lists is scored once. Returns (scores_i2t [N_img, N_txt], scores_t2i [N_txt, N_img])."""
+    if rank not in RANK_MODES:
+        raise ValueError(f"unknown retrieval rank mode {rank!r}; choose from {RANK_MODES}")
+    if k_test <= 0 or rank == "itc":
         return sim.clone(), sim.t().clone()
     n_img, n_txt = sim.shape
     top_t = sim.topk(min(k_test, n_txt), dim=1).indices  # (N_img, k): each image's candidate texts
@@ -77,6 +85,8 @@ def rerank_topk(sim, k_test, score_pairs):
     txt = torch.cat([top_t.flatten(), torch.arange(n_txt).repeat_interleave(top_i.shape[1])])
     pairs, where = torch.unique(img * n_txt + txt, return_inverse=True)  # sorted by image, then text
     scores = score_pairs(pairs // n_txt, pairs % n_txt).float().cpu()[where]  # back to one score per candidate
+    if rank == "itc+itm":
+        scores = scores + sim[img, txt].float() / temp
     i2t = torch.full((n_img, n_txt), NOT_CANDIDATE)
     t2i = torch.full((n_txt, n_img), NOT_CANDIDATE)
     n = top_t.numel()  # the first n candidates are the images' lists, the rest the texts'
@@ -85,10 +95,10 @@ def rerank_topk(sim, k_test, score_pairs):
     return i2t, t2i
 
 
-def retrieval_scores(model, dataset, tokenizer, k_test, device, batch_size=64, num_workers=0):
+def retrieval_scores(model, dataset, tokenizer, k_test, device, batch_size=64, num_workers=0, rank="itc+itm"):
     """Score matrices for retrieval_recall on a RetrievalEvalDataset: ITC similarity of every image-text pair
-    (features in batches), then ITM re-ranking of the top k_test candidates (rerank_topk). The ITM score is
-    the match log-odds, logit[1] - logit[0]: monotonic in the match probability, without its saturation at 1.
+    (features in batches), then re-ranking of the top k_test candidates by `rank` (rerank_topk). The ITM score
+    is the match log-odds, logit[1] - logit[0]: monotonic in the match probability, without its saturation at 1.
     Returns (scores_i2t [N_img, N_txt], scores_t2i [N_txt, N_img]) as numpy arrays."""
     model.eval()
     collate = data.Collator(tokenizer, model.cfg.max_text_len)
@@ -137,21 +147,22 @@ def retrieval_scores(model, dataset, tokenizer, k_test, device, batch_size=64, n
         bar.close()
         return out[where]
 
-    i2t, t2i = rerank_topk(sim, k_test, itm_scores)
+    i2t, t2i = rerank_topk(sim, k_test, itm_scores, rank, float(model.itc_temperature()))
     return i2t.numpy(), t2i.numpy()
 
 
 # ----------------------------------------------------------------------------- scoring a split
-def evaluate_split(task, model, tokenizer, json_path, image_root, device, answers=None, k_test=16, batch_size=64,
-                   num_workers=0, skip_bad=False, predictions_path=None) -> dict:
+def evaluate_split(task, model, tokenizer, json_path, image_root, device, answers=None, k_test=16, rank="itc+itm",
+                   batch_size=64, num_workers=0, skip_bad=False, predictions_path=None) -> dict:
     """Metrics of `model` on one split file: vqa_accuracy (+ per_type, n, missing), nlvr2_accuracy and
-    nlvr2_consistency, or txt_r1 ... img_r10 and r_mean. predictions_path: where to write VQA predictions
-    ([{"question_id", "answer"}]) or NLVR2 ones ([{"identifier" or "index", "prediction"}]). VQA rows
-    without answers (a test-dev split) give predictions only. Raises data.DataError on bad data."""
+    nlvr2_consistency, or txt_r1 ... img_r10 and r_mean (k_test and rank: see rerank_topk). predictions_path:
+    where to write VQA predictions ([{"question_id", "answer"}]) or NLVR2 ones ([{"identifier" or "index",
+    "prediction"}]). VQA rows without answers (a test-dev split) give predictions only. Raises data.DataError
+    on bad data."""
     size = model.cfg.image_size
     if task == "retrieval":
         dataset = data.RetrievalEvalDataset(json_path, image_root, size, skip_bad)
-        i2t, t2i = retrieval_scores(model, dataset, tokenizer, k_test, device, batch_size, num_workers)
+        i2t, t2i = retrieval_scores(model, dataset, tokenizer, k_test, device, batch_size, num_workers, rank)
         return retrieval_recall(i2t, t2i, dataset.img2txt, dataset.txt2img)
     if task not in ("vqa", "nlvr2"):
         raise ValueError(f"unknown task {task!r}; choose from {sorted(VAL_METRIC)}")

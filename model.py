@@ -369,6 +369,10 @@ class EVE(nn.Module):
     def text_features(self, text_ids, text_mask):
         return F.normalize(self.itc_text(self.encode(text_ids=text_ids, text_mask=text_mask)["hidden"][:, 0]), dim=-1)
 
+    def itc_temperature(self):
+        """The learned ITC temperature, kept in [0.001, 0.5] (ALBEF's bounds) so the logits cannot blow up."""
+        return self.temp.clamp(0.001, 0.5)
+
     def fused_cls(self, images, text_ids, text_mask):
         """The text [CLS] of an image+text pass: [N, D], plus the pass's MoE stats."""
         enc = self.encode(images, text_ids, text_mask)
@@ -472,7 +476,7 @@ class EVE(nn.Module):
         ids_all, keys_all = gather_with_grad(pair_ids), gather_with_grad(keys)
         positive = (pair_ids[:, None] == ids_all[None, :]) | (keys[:, None] == keys_all[None, :])  # (B, B*world)
         targets = positive.float() / positive.sum(1, keepdim=True)
-        temp = self.temp.clamp(0.001, 0.5)
+        temp = self.itc_temperature()
         sim_i2t, sim_t2i = img @ txt_all.t() / temp, txt @ img_all.t() / temp
         loss_itc = (F.cross_entropy(sim_i2t.float(), targets) + F.cross_entropy(sim_t2i.float(), targets)) / 2
         # hard negatives from the local batch, never the positive itself

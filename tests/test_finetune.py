@@ -150,6 +150,9 @@ class StubModel(torch.nn.Module):
         t = torch.tensor([self.word_of[x] for x in ids[:, 1].tolist()])
         return 0.6 * torch.eye(self.n)[t] + 0.8 * torch.eye(self.n)[(t + 1) % self.n]  # sim 0.8 neighbour, 0.6 true
 
+    def itc_temperature(self):
+        return torch.tensor(0.5)
+
     def itm_logits(self, images, ids, mask):
         img = images[:, 0, 0, 0].long().tolist()
         txt = [self.word_of[x] for x in ids[:, 1].tolist()]
@@ -178,12 +181,52 @@ def test_retrieval_reranking_with_stub_itm():
                 assert i2t[i, t] == inference.NOT_CANDIDATE and t2i[t, i] == inference.NOT_CANDIDATE
 
 
+def test_retrieval_scores_rank_modes_with_stub():
+    n = 6
+    dataset = PairImages(n)
+    tokenizer = tokenization.WordPieceTokenizer(tokenization.build_vocab(dataset.texts))
+    cpu = torch.device("cpu")
+    i2t, _ = inference.retrieval_scores(StubModel(tokenizer, n), dataset, tokenizer, 2, cpu, batch_size=4, rank="itc")
+    assert i2t[0, 0] == pytest.approx(0.6) and i2t[1, 0] == pytest.approx(0.8)  # the similarities, no ITM
+    model = StubModel(tokenizer, n)
+    i2t, _ = inference.retrieval_scores(model, dataset, tokenizer, 2, cpu, batch_size=4, rank="itc+itm")
+    # true pair: 0.6 / 0.5 (the stub's temperature) + 5 log-odds; the neighbour: 0.8 / 0.5 - 5
+    assert i2t[0, 0] == pytest.approx(6.2) and i2t[1, 0] == pytest.approx(-3.4) and model.scored
+
+
+def test_rerank_topk_modes_by_hand():
+    # 2 images x 3 texts, top k=2 per query, temperature 0.5. Candidates: image 0 -> texts 0, 1; image 1 ->
+    # texts 1, 2; every text -> both images (there are only two).
+    sim = torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.8, 0.7]])
+    itm = torch.tensor([[-1.0, 0.5, 0.0], [2.0, 0.0, 4.0]])  # the ITM log-odds of every pair
+    N = inference.NOT_CANDIDATE
+
+    def rank(mode):
+        return inference.rerank_topk(sim, 2, lambda i, t: itm[i, t], rank=mode, temp=0.5)
+
+    i2t, t2i = rank("itc")  # the similarities
+    assert torch.equal(i2t, sim) and torch.equal(t2i, sim.t())
+    i2t, t2i = rank("itm")  # ITM replaces ITC on the candidates
+    assert torch.allclose(i2t, torch.tensor([[-1.0, 0.5, N], [N, 0.0, 4.0]]))
+    assert torch.allclose(t2i, torch.tensor([[-1.0, 2.0], [0.5, 0.0], [0.0, 4.0]]))
+    i2t, t2i = rank("itc+itm")  # sim / 0.5 + itm: (0,0) 1.8 - 1, (0,1) 1.0 + 0.5, (1,1) 1.6 + 0, (1,2) 1.4 + 4 ...
+    assert torch.allclose(i2t, torch.tensor([[0.8, 1.5, N], [N, 1.6, 5.4]]))
+    assert torch.allclose(t2i, torch.tensor([[0.8, 2.4], [1.5, 1.6], [0.2, 5.4]]))
+    # text 1's best image: image 1 by ITC (0.8 > 0.5), image 0 by ITM (0.5 > 0), image 1 by the sum (1.6 > 1.5);
+    # image 0's best text: text 0 by ITC, text 1 by ITM and by the sum
+    assert [int(rank(m)[1][1].argmax()) for m in ("itc", "itm", "itc+itm")] == [1, 0, 1]
+    assert [int(rank(m)[0][0].argmax()) for m in ("itc", "itm", "itc+itm")] == [0, 1, 1]
+    with pytest.raises(ValueError, match="rank mode"):
+        rank("itm+itc")
+
+
 def test_retrieval_scores_identical_captions_once():
     # caption 3 repeats caption 0: the model sees the same input, so each image scores it once, for both copies
     dataset = PairImages(4, texts=["c0", "c1", "c2", "c0"])
     tokenizer = tokenization.WordPieceTokenizer(tokenization.build_vocab(dataset.texts))
     model = StubModel(tokenizer, 4)
-    i2t, t2i = inference.retrieval_scores(model, dataset, tokenizer, k_test=4, device=torch.device("cpu"), batch_size=3)
+    i2t, t2i = inference.retrieval_scores(model, dataset, tokenizer, k_test=4, device=torch.device("cpu"), batch_size=3,
+                                          rank="itm")
     assert sorted(model.scored) == [(i, t) for i in range(4) for t in range(3)]  # every image x distinct caption
     assert (i2t[:, 0] == i2t[:, 3]).all() and (t2i[0] == t2i[3]).all() and i2t[0, 0] == 5 and i2t[1, 0] == -5  # log-odds
 
@@ -197,7 +240,7 @@ def test_rerank_topk_never_scores_outside_topk():
         asked.extend(zip(img.tolist(), txt.tolist()))
         return torch.ones(len(img))
 
-    i2t, t2i = inference.rerank_topk(sim, 3, score)
+    i2t, t2i = inference.rerank_topk(sim, 3, score, rank="itm")
     top_t, top_i = sim.topk(3, dim=1).indices, sim.t().topk(3, dim=1).indices
     allowed = {(i, t) for i in range(7) for t in top_t[i].tolist()} | {(i, t) for t in range(20) for i in top_i[t].tolist()}
     assert set(asked) == allowed and len(asked) == len(allowed)
@@ -260,6 +303,12 @@ def test_cli_checkpoint_and_predictions_round_trip(finetuned, world, tmp_path):
     assert again["vqa_accuracy"] == pytest.approx(m["vqa_accuracy"]) and again["missing"] == 0
     r = cli("--task", "retrieval", "--checkpoint", finetuned["retrieval"].out / "best.pt", "--split", "val", "--json")
     assert r == pytest.approx(finetuned["retrieval"].results["val"])
+    ckpt = finetuned["retrieval"].out / "best.pt"
+    itc = cli("--task", "retrieval", "--checkpoint", ckpt, "--split", "val", "--rank", "itc", "--json")
+    assert itc == pytest.approx(cli("--task", "retrieval", "--checkpoint", ckpt, "--split", "val", "--k-test", "0", "--json"))
+    proc = subprocess.run([sys.executable, "evaluate.py", "--task", "retrieval", "--checkpoint", ckpt, "--rank", "sum"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--rank must be one of itc, itm, itc+itm" in proc.stderr
 
 
 def test_evaluation_skips_bad_images(finetuned, world, tmp_path):
@@ -272,7 +321,7 @@ def test_evaluation_skips_bad_images(finetuned, world, tmp_path):
     bad = tmp_path / "vqa_val.json"
     bad.write_text(json.dumps(rows))
     m = inference.evaluate_split("vqa", model, tokenizer, bad, world["root"], cpu, answers=ckpt["answers"],
-                                batch_size=1, skip_bad=True)
+                                 batch_size=1, skip_bad=True)
     assert m["missing"] == 1 and m["n"] == len(rows)
     model, tokenizer, ckpt = inference.load_finetuned(finetuned["retrieval"].out / "best.pt", cpu)
     rows = json.loads(Path(world["retrieval_val"]).read_text())
