@@ -270,7 +270,10 @@ def metrics_table(task, m) -> list:
         if "vqa_accuracy" not in m:
             return [("VQA accuracy", "n/a (no answers: predictions only)"), ("n", str(m["n"]))]
         rows = [("VQA accuracy", f"{m['vqa_accuracy']:.2f}")]
-        rows += [(f"  {t}", f"{v:.2f}") for t, v in sorted(m["per_type"].get("answer_type", {}).items())]
+        for kind in ("answer_type", "question_type"):  # each kind the annotations carry, e.g. "yes/no", "what color"
+            per = m["per_type"].get(kind, {})
+            rows += [(f" by {kind.replace('_', ' ')}", "")] * bool(per)
+            rows += [(f"  {t}", f"{v:.2f}") for t, v in sorted(per.items())]
         return rows + [(k, str(m[k])) for k in ("n", "missing")]
     if task == "nlvr2":
         cons = m["nlvr2_consistency"]
@@ -283,7 +286,7 @@ def metrics_table(task, m) -> list:
 
 def format_table(rows) -> str:
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return "\n".join(f"{k:<{width}}  {v}".rstrip() for k, v in rows)
 
 
 # ----------------------------------------------------------------------------- command line: prediction files

@@ -10,8 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from evaluate import (human_answers, nlvr2_accuracy, nlvr2_consistency, normalize_vqa_answer,  # noqa: E402
-                      retrieval_recall, vqa_accuracy, vqa_score)
+from evaluate import (human_answers, metrics_table, nlvr2_accuracy, nlvr2_consistency,  # noqa: E402
+                      normalize_vqa_answer, retrieval_recall, vqa_accuracy, vqa_score)
 
 
 # ----------------------------------------------------------------------------- VQA normalisation
@@ -123,6 +123,23 @@ def test_vqa_accuracy_with_missing_and_unknown():
     # a repeated prediction: the first one counts
     m2 = vqa_accuracy(preds + [{"question_id": 1, "answer": "5"}], anns)
     assert m2["vqa_accuracy"] == pytest.approx(62.5) and m2["duplicates"] == 1
+
+
+def test_metrics_table_per_answer_and_question_type():
+    preds, anns = vqa_rows()
+    rows = metrics_table("vqa", vqa_accuracy(preds, anns))
+    # q1 0.9 (number, how many), q2 1.0 (yes/no, is the), q3 0.6 (other, what color), q4 0 (other, what)
+    assert rows == [("VQA accuracy", "62.50"),
+                    (" by answer type", ""), ("  number", "90.00"), ("  other", "30.00"), ("  yes/no", "100.00"),
+                    (" by question type", ""), ("  how many", "90.00"), ("  is the", "100.00"),
+                    ("  what", "0.00"), ("  what color", "60.00"),
+                    ("n", "4"), ("missing", "1")]
+    # rows without the fields: no per-type section; only question_type: only that one
+    plain = [{k: v for k, v in a.items() if k not in ("answer_type", "question_type")} for a in anns]
+    assert [r[0] for r in metrics_table("vqa", vqa_accuracy(preds, plain))] == ["VQA accuracy", "n", "missing"]
+    only_q = [{k: v for k, v in a.items() if k != "answer_type"} for a in anns]
+    names = [r[0] for r in metrics_table("vqa", vqa_accuracy(preds, only_q))]
+    assert " by answer type" not in names and " by question type" in names and "  what color" in names
 
 
 def test_vqa_accuracy_bad_rows():
@@ -255,6 +272,7 @@ def test_cli_vqa_round_trip(tmp_path):
     assert m["vqa_accuracy"] == pytest.approx(62.5) and m["missing"] == 1 and m["unknown"] == 1
     table = run_cli("--task", "vqa", "--predictions", p, "--annotations", a)
     assert table.returncode == 0 and "62.50" in table.stdout
+    assert " by question type" in table.stdout and "  what color" in table.stdout  # the per-type rows are printed
 
 
 def test_cli_nlvr2_round_trip(tmp_path):
