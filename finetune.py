@@ -35,7 +35,7 @@ import inference
 import training
 from model import EVE, EVEConfig, make_config
 from shapes import shapes_world
-from tokenization import WordPieceTokenizer
+from tokenization import load_tokenizer, tokenizer_from_state
 
 
 @dataclass
@@ -52,6 +52,7 @@ class FinetuneConfig:
     answer_vocab: str = "counts"  # VQA classes: counts (majority answers of >= min_answer_count questions) | list
     min_answer_count: int = 9  # VQA answer threshold; 9 on VQA v2 train+val gives the usual 3,129 answers
     vocab: str = ""  # BERT vocab.txt of a from-scratch run (an --init run uses the checkpoint's)
+    bpe: str = ""  # or a byte-level BPE folder: vocab.json + merges.txt, the official EVE's tokenizer format
     out_dir: str = ""  # checkpoints, metrics.jsonl, results.json (default: runs/finetune_<task>)
     epochs: float = 0.0  # passes over the training data; 0 = the task's shapes-world default (DEFAULT_EPOCHS)
     max_steps: int = 0  # optimizer steps; 0 = epochs x steps per epoch
@@ -158,25 +159,28 @@ def resolve_paths(fc, rank, world):
         paths = {k: str(v) for k, v in shapes_world(fc.data_dir, rank, world).items()}
         out.update({f"{s}_json": paths[f"{fc.task}_{s}"] for s in ("train", "val", "test")},
                    image_root=fc.image_root or paths["root"], answer_list=fc.answer_list or paths["answer_list"],
-                   vocab=fc.vocab or (paths["vocab"] if not fc.init else ""))
+                   vocab=fc.vocab or (paths["vocab"] if not fc.init and not fc.bpe else ""))
     return replace(fc, **out)
 
 
 def base_config(fc, overrides, rank):
     """(EVEConfig, tokenizer, init checkpoint or None) of a new run; the task fields are set later."""
+    try:
+        given = load_tokenizer(fc.vocab, fc.bpe) if fc.vocab or fc.bpe else None
+    except ValueError as e:  # a missing or malformed file: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
     if not fc.init:
-        if not fc.vocab or not Path(fc.vocab).is_file():
-            raise SystemExit(f"error: --vocab {fc.vocab or '(none)'}: no such file (own data from scratch needs a vocab.txt)")
-        tokenizer = WordPieceTokenizer.from_file(fc.vocab)
-        return make_config(fc.preset, **{"vocab_size": len(tokenizer), **overrides}), tokenizer, None
+        if given is None:
+            raise SystemExit("error: own data from scratch needs --vocab (a vocab.txt) or --bpe (vocab.json + merges.txt)")
+        return make_config(fc.preset, **{"vocab_size": len(given), **overrides}), given, None
     if not Path(fc.init).is_file():
         raise SystemExit(f"error: --init {fc.init}: no such checkpoint file")
     ckpt = training.load_checkpoint(fc.init)
     if not all(k in ckpt for k in ("model", "config", "vocab")):
         raise SystemExit(f"error: --init {fc.init}: not a pretrain.py checkpoint (needs model, config and vocab)")
-    tokenizer = WordPieceTokenizer(ckpt["vocab"])  # the vocabulary travels in the checkpoint
-    if fc.vocab and WordPieceTokenizer.from_file(fc.vocab).vocab != tokenizer.vocab:
-        raise SystemExit(f"error: --vocab {fc.vocab} differs from the vocabulary of {fc.init}")
+    tokenizer = tokenizer_from_state(ckpt["vocab"])  # the vocabulary travels in the checkpoint
+    if given is not None and given.state != tokenizer.state:
+        raise SystemExit(f"error: --{'bpe' if fc.bpe else 'vocab'} {fc.bpe or fc.vocab} differs from the vocabulary of {fc.init}")
     if rank == 0 and overrides:  # e.g. --drop-path; one that changes a tensor shape fails when loading
         print(f"overriding the checkpoint's model config with {overrides}")
     return EVEConfig(**{**ckpt["config"], **overrides}), tokenizer, ckpt
@@ -228,7 +232,7 @@ def run(fc, overrides, rank, world, device):
     if resume:  # the run's model, vocabulary and answers are the checkpoint's
         if resume.get("finetune_config", {}).get("task") != fc.task:
             raise SystemExit(f"error: {resume_path} is not a checkpoint of a --task {fc.task} fine-tuning run")
-        cfg, tokenizer, init = EVEConfig(**resume["config"]), WordPieceTokenizer(resume["vocab"]), None
+        cfg, tokenizer, init = EVEConfig(**resume["config"]), tokenizer_from_state(resume["vocab"]), None
     else:
         cfg, tokenizer, init = base_config(fc, overrides, rank)
     train_set = TRAIN_SETS[fc.task](fc.train_json, fc.image_root, cfg.image_size, skip_bad=fc.skip_bad)
@@ -261,7 +265,7 @@ def run(fc, overrides, rank, world, device):
     log = training.MetricsLog(out_dir / "metrics.jsonl", enabled=rank == 0)
 
     def state():  # what every checkpoint holds besides the weights and the optimizer
-        return dict(config=asdict(cfg), finetune_config=asdict(fc), vocab=tokenizer.vocab, answers=answers, best=best)
+        return dict(config=asdict(cfg), finetune_config=asdict(fc), vocab=tokenizer.state, answers=answers, best=best)
 
     if rank == 0:
         print(cfg)

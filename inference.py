@@ -14,7 +14,7 @@ import data
 import training
 from evaluate import human_answers, nlvr2_accuracy, nlvr2_consistency, retrieval_recall, vqa_accuracy
 from model import EVE, EVEConfig
-from tokenization import WordPieceTokenizer
+from tokenization import tokenizer_from_state
 
 VAL_METRIC = {"vqa": "vqa_accuracy", "nlvr2": "nlvr2_accuracy", "retrieval": "r_mean"}  # model selection
 NOT_CANDIDATE = -1e4  # retrieval score of a pair outside the query's top-k ITC candidates (ALBEF: -100)
@@ -193,4 +193,4 @@ def load_finetuned(path, device):
                          f"checkpoint has no task head: fine-tune it first)")
     model = EVE(EVEConfig(**ckpt["config"])).to(device)
     training.load_model_state(model, ckpt["model"], path)
-    return model, WordPieceTokenizer(ckpt["vocab"]), ckpt
+    return model, tokenizer_from_state(ckpt["vocab"]), ckpt

@@ -28,7 +28,7 @@ import training
 from masking import mask_text, patchify, unpatchify
 from model import EVE, EVEConfig, make_config
 from shapes import shapes_world
-from tokenization import WordPieceTokenizer
+from tokenization import load_tokenizer
 
 
 @dataclass
@@ -39,6 +39,7 @@ class TrainConfig:
     train_json: str = ""  # your own pre-training JSON (else the shapes world's)
     image_root: str = ""  # folder the JSON's image paths are relative to (default: the JSON's folder)
     vocab: str = ""  # BERT-style vocab.txt (default: the shapes world's)
+    bpe: str = ""  # or a byte-level BPE folder: vocab.json + merges.txt, the official EVE's tokenizer format
     out_dir: str = "runs/pretrain"  # checkpoints, metrics.jsonl and pictures
     max_steps: int = 600  # optimizer steps
     batch_size: int = 64  # per process and micro-batch
@@ -68,15 +69,16 @@ def build_data(tc, rank, world):
     if tc.train_json:
         json_path = Path(tc.train_json)
         image_root = tc.image_root or json_path.parent
-        if not tc.vocab:
-            raise SystemExit("error: --train-json needs --vocab (a BERT vocab.txt)")
+        if not tc.vocab and not tc.bpe:
+            raise SystemExit("error: --train-json needs --vocab (a BERT vocab.txt) or --bpe (vocab.json + merges.txt)")
         vocab = tc.vocab
     else:
         paths = shapes_world(tc.data_dir, rank, world)
-        json_path, image_root, vocab = paths["pretrain"], paths["root"], tc.vocab or paths["vocab"]
-    if not Path(vocab).is_file():
-        raise SystemExit(f"error: --vocab {vocab}: no such file")
-    tokenizer = WordPieceTokenizer.from_file(vocab)
+        json_path, image_root, vocab = paths["pretrain"], paths["root"], tc.vocab or ("" if tc.bpe else paths["vocab"])
+    try:
+        tokenizer = load_tokenizer(vocab, tc.bpe)
+    except ValueError as e:  # a missing or malformed file: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
     return tokenizer, json_path, image_root
 
 
@@ -164,8 +166,8 @@ def run(tc, model_overrides, rank, world, device):
     ckpt = training.load_checkpoint(ckpt_path) if ckpt_path else None
     if ckpt:  # the run's model is the checkpoint's; flags cannot change it midway
         cfg = EVEConfig(**ckpt["config"])
-        if ckpt["vocab"] != tokenizer.vocab:
-            raise SystemExit(f"error: {ckpt_path} was trained with another vocabulary than {tc.vocab or 'the shapes world'}")
+        if ckpt["vocab"] != tokenizer.state:
+            raise SystemExit(f"error: {ckpt_path} was trained with another vocabulary than {tc.bpe or tc.vocab or 'the shapes world'}")
     else:
         cfg = make_config(tc.preset, **{"vocab_size": len(tokenizer), **model_overrides})
     if cfg.vocab_size != len(tokenizer):
@@ -197,7 +199,7 @@ def run(tc, model_overrides, rank, world, device):
     t0 = time.time()
     step = training.fit(model, loader, opt, sched, tc, tc.objective, device, rank, world, step,
                         prepare=lambda b: masked_text_batch(b, tokenizer, tc), after_step=pictures,
-                        extra_state=lambda: dict(config=asdict(cfg), train_config=asdict(tc), vocab=tokenizer.vocab),
+                        extra_state=lambda: dict(config=asdict(cfg), train_config=asdict(tc), vocab=tokenizer.state),
                         desc="pretrain")
     if rank == 0 and step >= tc.max_steps:
         print(f"done: {step} steps in {time.time() - t0:.0f}s; checkpoint {out_dir / 'last.pt'}, log {out_dir / 'metrics.jsonl'}")

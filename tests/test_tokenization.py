@@ -154,3 +154,55 @@ def test_tokenizers_through_a_checkpoint(tmp_path):
     assert old.tokenize("unaffable") == ["un", "##aff", "##able"]
     with pytest.raises(ValueError, match="not a stored tokenizer"):
         tokenization.tokenizer_from_state({"format": "sentencepiece"})
+
+
+# --- the scripts with --bpe -------------------------------------------------------------------------
+
+def write_shapes_bpe(world, folder):
+    """A small byte-level BPE for the shapes world: the specials, all 256 byte characters, and merges that
+    spell each of the first 30 words of its captions with a leading space (Ġ) letter by letter."""
+    import json
+    rows = json.loads(world["pretrain"].read_text())
+    words = list(dict.fromkeys(w for r in rows for c in ([r["caption"]] if isinstance(r["caption"], str) else r["caption"])
+                               for w in tokenization.pre_tokenize(" " + c.lower()) if w[1:].isalpha()))[:30]
+    vocab = list(tokenization.BPE_SPECIALS.values()) + list(tokenization.byte_to_char().values())
+    merges = []
+    for w in words:
+        w = "Ġ" + w[1:]
+        for i in range(2, len(w) + 1):  # "Ġ r", "Ġr e", "Ġre d": each merge joins two tokens already there
+            if w[:i] not in vocab:
+                vocab.append(w[:i])
+                merges.append(f"{w[:i - 1]} {w[i - 1]}")
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
+    return words
+
+
+def test_pretrain_resume_and_finetune_with_bpe(small_world, tmp_path):
+    import torch
+    import finetune
+    import inference
+    import pretrain
+    from conftest import TINY_MODEL_FLAGS
+    words = write_shapes_bpe(small_world, tmp_path / "bpe")
+    tok = tokenization.BytePairTokenizer.from_dir(tmp_path / "bpe")
+    assert [tok.vocab[i] for i in tok.encode(words[0])[1:-1]] == ["Ġ" + words[0][1:]]  # one token per known word
+    out = tmp_path / "pre"
+    flags = ["--train-json", str(small_world["pretrain"]), "--image-root", str(small_world["root"]), "--bpe", str(tmp_path / "bpe"),
+             *TINY_MODEL_FLAGS, "--top-layers", "0",  # no MoE layer: faster, and the text side is what is tested
+             "--out-dir", str(out), "--batch-size", "4", "--num-workers", "0"]
+    with pytest.raises(SystemExit, match="nope/vocab.json: no such file"):
+        pretrain.main(flags + ["--bpe", str(tmp_path / "nope")])
+    pretrain.main(flags + ["--max-steps", "1"])
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    assert ckpt["vocab"] == tok.state and ckpt["config"]["vocab_size"] == len(tok)
+    pretrain.main(flags + ["--max-steps", "2", "--resume", "auto"])  # the BPE state in the checkpoint matches --bpe
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 2
+    ft = tmp_path / "ft"
+    finetune.main(["--task", "vqa", "--init", str(out / "last.pt"), "--image-root", str(small_world["root"]),
+                   "--answer-list", str(small_world["answer_list"]), "--out-dir", str(ft), "--batch-size", "4",
+                   "--num-workers", "0", "--max-steps", "1", "--min-answer-count", "1"]
+                  + [x for s in ("train", "val", "test") for x in (f"--{s}-json", str(small_world[f"vqa_{s}"]))])
+    _, again, _ = inference.load_finetuned(ft / "best.pt", "cpu")
+    assert isinstance(again, tokenization.BytePairTokenizer) and again.state == tok.state
