@@ -64,6 +64,7 @@ class BenchOptions:
     json: str = ""  # also write the results to this JSON file
     quick: bool = False  # one repeat, one warm-up (tests, smoke runs)
     seed: int = 0  # weights, batch and masks
+    threads: int = 0  # torch threads; 0 = torch's default. 1 on a busy shared machine: idle-waiting threads stall there
     profile: bool = False  # also print torch.profiler's top operators of one MSM step and one MoE-layer call
     tables: bool = False  # also time the mask-ratio, MoE token-count and resolution tables (several minutes more)
     peer: bool = False  # also time HF transformers' ViltModel of the same sizes against this project (needs transformers)
@@ -177,31 +178,20 @@ def make_optimizer(model):
     return training.adamw(model, lr=1e-5, weight_decay=0.05)  # the fused AdamW of pretrain.py
 
 
-def train_step(model, opt, batch, task, device, dtype, optimizer_step=True):
+def train_step(model, opt, batch, task, device, dtype, optimizer_step=True, mask_ratio=None):
     """One training step of `task` on a model shared by both objectives. The other objective's
-    heads are frozen as pretrain.py does; they get no gradient, so AdamW leaves them alone."""
+    heads are frozen as pretrain.py does; they get no gradient, so AdamW leaves them alone.
+    mask_ratio: MSM's image mask ratio (default: the config's)."""
     def step():
         model.requires_grad_(True)
         model.freeze_unused_heads(task)
         with training.autocast(device, dtype):
-            loss = model(batch, task)["loss"]
+            loss = model(batch, task, mask_ratio)["loss"]
         loss.backward()
         if optimizer_step:
             opt.step()
         opt.zero_grad(set_to_none=True)
     return step
-
-
-def with_mask_ratio(model, ratio, step):
-    """Run step with another image mask ratio (loss_msm reads it from the config)."""
-    def run():
-        saved = model.cfg
-        model.cfg = dataclasses.replace(saved, image_mask_ratio=ratio)
-        try:
-            step()
-        finally:
-            model.cfg = saved
-    return run
 
 
 def bench_training(cfg, bo, device, dtype, B, repeats, warmup, other_dtype=True):
@@ -228,7 +218,7 @@ def bench_training(cfg, bo, device, dtype, B, repeats, warmup, other_dtype=True)
                **{f"msm_step_s_{dtype}": t["msm"], f"msm_step_s_{other}": t.get(f"msm_{other}")},
                train_flops=flops, peak_mem_mb=peak_mb, peak_mem_kind=peak_kind)
     if bo.tables:
-        fns = {r: with_mask_ratio(model, r, steps["msm"]) for r in MASK_RATIOS}
+        fns = {r: train_step(model, opt, batch, "msm", device, dtype, mask_ratio=r) for r in MASK_RATIOS}
         t = time_alternating(fns, repeats, warmup, device, "mask ratios")
         res["mask_ratio_scaling"] = [dict(value=r, step_s=s) for r, s in t.items()]
     return res, batch
@@ -308,12 +298,14 @@ def bench_peer(cfg, bo, device, dtype, B, repeats, warmup):
         return step
 
     steps = {name: make_step(name, m) for name, m in models.items()}
+    flops = {name: count_flops(step) for name, step in steps.items()}  # also the first warm-up call
     t = time_alternating(steps, repeats, warmup, device, "HF ViLT vs EVE")
     if bo.profile:
         for name in ("vilt", "eve_dense", "eve_default"):
             print_profile(f"the peer step {name} ({bo.preset}, batch {B}, {dtype})", steps[name], device)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
-    return dict(peer_tokens_per_sample=S, vilt_params=params["vilt"], vilt_step_s=t["vilt"],
+    return dict(peer_tokens_per_sample=S, vilt_params=params["vilt"], vilt_flops=flops["vilt"],
+                eve_dense_flops=flops["eve_dense"], eve_default_flops=flops["eve_default"], vilt_step_s=t["vilt"],
                 eve_dense_step_s=t["eve_dense"], eve_default_step_s=t["eve_default"],
                 eve_dense_vs_vilt_speedup=t["vilt"] / t["eve_dense"],
                 eve_default_vs_vilt_speedup=t["vilt"] / t["eve_default"])
@@ -454,6 +446,8 @@ def bench_matmul(n, repeats, warmup, device, bf16=True):
 def run_bench(bo):
     """All benchmarks; returns one flat dict (the JSON)."""
     device = torch.device(bo.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if bo.threads:
+        torch.set_num_threads(bo.threads)
     dtype = bo.dtype or ("bf16" if device.type == "cuda" else "fp32")
     if dtype not in ("fp32", "bf16"):
         raise SystemExit(f"error: --dtype must be fp32 or bf16, not {dtype!r}")
@@ -538,9 +532,11 @@ def print_report(r):
         (f"peak memory ({r['peak_mem_kind']})", f"{r['peak_mem_mb']:.0f} MiB"),
     ]
     if "vilt_step_s" in r:
-        rows = [(f"HF ViLT training step ({r['peer_tokens_per_sample']} tokens per sample)", f"{r['vilt_step_s']:.4f} s"),
-                ("EVE, dense FFNs in every layer, same step", f"{r['eve_dense_step_s']:.4f} s"),
-                ("EVE, the preset's FFNs (multiway + MoE), same step", f"{r['eve_default_step_s']:.4f} s"),
+        rows = [(f"HF ViLT training step ({r['peer_tokens_per_sample']} tokens per sample)",
+                 f"{r['vilt_step_s']:.4f} s, {r['vilt_flops'] / G:.1f} GFLOP"),
+                ("EVE, dense FFNs in every layer, same step", f"{r['eve_dense_step_s']:.4f} s, {r['eve_dense_flops'] / G:.1f} GFLOP"),
+                ("EVE, the preset's FFNs (multiway + MoE), same step",
+                 f"{r['eve_default_step_s']:.4f} s, {r['eve_default_flops'] / G:.1f} GFLOP (top-k experts: more work)"),
                 ("  speed-up over ViLT: dense / preset", f"{r['eve_dense_vs_vilt_speedup']:.2f}x / "
                  f"{r['eve_default_vs_vilt_speedup']:.2f}x")] + rows
     width = max(len(name) for name, _ in rows)
@@ -558,6 +554,9 @@ def print_report(r):
 
 
 def main(argv=None):
+    # Transparent huge pages for CPU tensors of 2 MB or more (0 opts out): each step's fresh gradients faulted in
+    # 4 KB pages slowed the MoE backward. PyTorch reads this at its first CPU allocation; bench.py's imports make none.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_dataclass_args(parser, BenchOptions)
     bo = BenchOptions(**training.pick_fields(parser.parse_args(argv), BenchOptions))

@@ -44,10 +44,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, valid):
+        """x: [B, S, D]; valid: [B, S] bool key-padding mask, or None when nothing is padded."""
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, nh, S, hs) each
-        # key-padding mask: every query may attend to real tokens only; (B, 1, 1, S) broadcasts over heads and queries
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+        # key-padding mask: every query may attend to real tokens only; (B, 1, 1, S) broadcasts over heads and
+        # queries. Without padding no mask at all: the fused kernels are faster without one
+        mask = None if valid is None else valid[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -76,12 +79,14 @@ class MultiwayFFN(nn.Module):
         self.ffns = nn.ModuleList(MLP(dim, hidden, dropout) for _ in range(num_modalities))
 
     def forward(self, x, modality):  # x: (n, D), modality: (n,)
-        y = torch.empty_like(x)
+        y = None
         for m, ffn in enumerate(self.ffns):
             # an empty slice still runs, so that every parameter gets a (zero) gradient under DDP
             idx = (modality == m).nonzero().squeeze(1)
-            y = y.index_copy(0, idx, ffn(x.index_select(0, idx)).to(x.dtype))
-        return y, None
+            out = ffn(x.index_select(0, idx))  # (n_m, D)
+            y = out.new_empty(x.shape[0], out.shape[1]) if y is None else y  # the FFN's dtype (bf16 under autocast)
+            y.index_copy_(0, idx, out)  # in place: every row is written by exactly one modality
+        return y.to(x.dtype), None
 
 
 class Block(nn.Module):
@@ -108,11 +113,16 @@ class Block(nn.Module):
 
     def forward(self, x, modality, valid):
         """x: [B, S, D], modality: [B, S] long, valid: [B, S] bool (False on text padding)."""
-        h = self.attn(self.norm1(x), valid)
+        padded = not bool(valid.all())  # one host sync; indexing by `valid` below would sync anyway
+        h = self.attn(self.norm1(x), valid if padded else None)
         x = x + drop_path(h if self.gamma1 is None else self.gamma1 * h, self.drop_path, self.training)
         # the FFN sees only real tokens, flattened: padding never reaches a router or an expert
-        flat, stats = self.ffn(self.norm2(x)[valid], modality[valid])  # (n, D)
-        h = torch.zeros_like(x).index_put((valid,), flat.to(x.dtype))
+        if padded:
+            flat, stats = self.ffn(self.norm2(x)[valid], modality[valid])  # (n, D)
+            h = torch.zeros_like(x).index_put((valid,), flat.to(x.dtype))
+        else:  # nothing to remove: a view, no gather and no scatter
+            flat, stats = self.ffn(self.norm2(x).flatten(0, 1), modality.flatten())  # (B*S, D)
+            h = flat.to(x.dtype).view_as(x)
         x = x + drop_path(h if self.gamma2 is None else self.gamma2 * h, self.drop_path, self.training)
         return x, stats
 

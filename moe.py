@@ -183,8 +183,9 @@ class MoE(nn.Module):
 
         # under autocast the experts run in its dtype, like the nn.Linear layers around them
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        out = ExpertFFN.apply(x[tok_kept].to(dt), *(t.to(dt) for t in (self.w1, self.b1, self.w2, self.b2)),
-                              kept_counts)  # (A_kept, D) grouped by expert
+        # index_select, not x[tok_kept]: its backward is an index_add_, not a slower accumulating index_put_
+        out = ExpertFFN.apply(x.index_select(0, tok_kept).to(dt),
+                              *(t.to(dt) for t in (self.w1, self.b1, self.w2, self.b2)), kept_counts)  # (A_kept, D)
         out = self.dropout(out) * w_kept.to(dt).unsqueeze(1)
         # no renormalisation after drops: a dropped assignment simply contributes nothing
         y = x.new_zeros(N, D).index_add_(0, tok_kept, out.to(x.dtype))  # (N, D)

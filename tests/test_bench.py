@@ -149,3 +149,6 @@ def test_peer_keys_and_equal_tokens():
     for k in ("vilt_step_s", "eve_dense_step_s", "eve_default_step_s"):
         assert res[k] > 0
     assert res["eve_dense_vs_vilt_speedup"] == res["vilt_step_s"] / res["eve_dense_step_s"]
+    # equal work: the same matmul FLOPs up to how attention's backward is counted; top-2 experts do more
+    assert abs(res["eve_dense_flops"] / res["vilt_flops"] - 1) < 0.1
+    assert res["eve_default_flops"] > 1.1 * res["eve_dense_flops"]

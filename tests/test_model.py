@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from masking import mask_text
-from model import EVE, PRESETS, MultiwayFFN, make_config, sample_negatives
+from model import EVE, PRESETS, Block, MultiwayFFN, make_config, sample_negatives
 
 V = 120  # vocabulary of the toy batches: 0 pad, 1 cls, 2 sep, 3 mask
 
@@ -218,3 +218,27 @@ def test_identical_captions_are_not_each_others_negatives(monkeypatch):
     longer = torch.cat([ids, torch.zeros(4, 3, dtype=ids.dtype)], 1)  # the same texts with more padding
     assert torch.equal(text_keys(ids, mask), text_keys(longer, torch.cat([mask, torch.zeros(4, 3, dtype=torch.bool)], 1)))
     assert text_keys(ids, mask)[0] == text_keys(ids, mask)[1] != text_keys(ids, mask)[2]
+
+
+def test_block_without_padding_equals_the_padded_path():
+    """A batch with no padding takes the fast path (no attention mask, no gather/scatter of valid tokens);
+    the same tokens with one padded position appended take the general path: same outputs and gradients."""
+    cfg = make_config("tiny", vocab_size=V)
+    for ffn in ("dense", "multiway", "moe"):
+        torch.manual_seed(0)
+        block = Block(cfg, 32, 4, ffn)
+        B, S = 3, 7
+        x = torch.randn(B, S, 32)
+        modality = torch.cat([torch.zeros(B, 4), torch.ones(B, 3)], 1).long()
+        runs = []
+        for extra in (0, 1):  # 1: a padded slot after the real tokens
+            xi = torch.cat([x, torch.randn(B, extra, 32)], 1).requires_grad_()
+            mi = torch.cat([modality, torch.ones(B, extra).long()], 1)
+            valid = torch.ones(B, S + extra, dtype=torch.bool)
+            valid[:, S:] = False
+            block.zero_grad()
+            y, _ = block(xi, mi, valid)
+            (y[:, :S] * torch.linspace(-1, 1, 32)).sum().backward()
+            runs.append([y[:, :S].detach(), xi.grad[:, :S]] + [p.grad.clone() for p in block.parameters()])
+        for fast, padded in zip(*runs):
+            torch.testing.assert_close(fast, padded, rtol=1e-5, atol=1e-6)
