@@ -11,6 +11,9 @@ Dispatch is sort-based, in the spirit of HF Mixtral's sparse block: the N*k
 token->expert assignments are sorted by expert, each expert runs once on its
 contiguous slice, and the weighted results are added back with index_add_.
 There are no (tokens x experts x capacity) one-hot tensors.
+
+Reading order: the auxiliary losses, then the MoE module (router, top-k, dispatch,
+combine); at the end ExpertFFN, the CPU-friendly kernel that runs all experts.
 """
 
 import math
@@ -37,61 +40,6 @@ def load_balancing_loss(router_probs: Tensor, expert_index: Tensor, num_experts:
 def router_z_loss(router_logits: Tensor) -> Tensor:
     """ST-MoE z-loss: keeps router logits small so the fp32 softmax stays well conditioned."""
     return torch.logsumexp(router_logits.float(), dim=-1).square().mean()
-
-
-class ExpertFFN(torch.autograd.Function):
-    """Every expert's two-layer GELU FFN on its contiguous slice of the expert-sorted tokens.
-
-    Autograd over per-expert slices of the stacked weights would give each expert a full-size
-    gradient and then stack them (unbind/select backward): on CPU that copy of E x D x H floats
-    cost more than the matmuls themselves (bench.py, torch.profiler). Here each expert's weight
-    gradient is written once, straight into its row of one (E, D, H) tensor, and idle experts
-    get zeros, so every parameter is in the graph (DDP needs that).
-    """
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, counts):
-        """x: [A, D] grouped by expert, counts[e] rows each; w1: [E, D, H], b1: [E, H], w2: [E, H, D], b2: [E, D]."""
-        with torch.autocast(x.device.type, enabled=False):  # the caller cast everything to one dtype
-            pre = x.new_empty(x.shape[0], w1.shape[2])  # (A, H) pre-activations, kept for backward
-            for e, rows in enumerate(_slices(counts)):
-                torch.addmm(b1[e], x[rows], w1[e], out=pre[rows])
-            h = F.gelu(pre)  # (A, H): one elementwise call for all experts
-            out = x.new_empty(x.shape)  # (A, D)
-            for e, rows in enumerate(_slices(counts)):
-                torch.addmm(b2[e], h[rows], w2[e], out=out[rows])
-        ctx.save_for_backward(x, w1, w2, pre, h)
-        ctx.counts = counts
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        x, w1, w2, pre, h = ctx.saved_tensors
-        grad_out = grad_out.contiguous()  # (A, D)
-        E, D, H = w1.shape
-        grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)  # (E, D, H), (E, H, D)
-        grad_b1, grad_b2 = x.new_empty(E, H), x.new_empty(E, D)
-        grad_h = torch.empty_like(pre)  # (A, H)
-        for e, rows in enumerate(_slices(ctx.counts)):  # an idle expert's sums and products are zeros
-            torch.mm(h[rows].t(), grad_out[rows], out=grad_w2[e])
-            torch.sum(grad_out[rows], dim=0, out=grad_b2[e])
-            torch.mm(grad_out[rows], w2[e].t(), out=grad_h[rows])
-        grad_pre = torch.ops.aten.gelu_backward(grad_h, pre)  # (A, H)
-        grad_x = torch.empty_like(x)  # (A, D)
-        for e, rows in enumerate(_slices(ctx.counts)):
-            torch.mm(x[rows].t(), grad_pre[rows], out=grad_w1[e])
-            torch.sum(grad_pre[rows], dim=0, out=grad_b1[e])
-            torch.mm(grad_pre[rows], w1[e].t(), out=grad_x[rows])
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
-
-
-def _slices(counts: list[int]):
-    """Row slices of consecutive segments of the given lengths."""
-    start = 0
-    for c in counts:
-        yield slice(start, start + c)
-        start += c
 
 
 class MoE(nn.Module):
@@ -152,7 +100,8 @@ class MoE(nn.Module):
     def forward(self, x: Tensor, modality: Tensor) -> tuple[Tensor, dict]:
         """x: [N, D] tokens (padding already removed); modality: [N] long, 0 = vision, 1 = text.
 
-        Returns y: [N, D] and a dict of stats: aux_loss, z_loss, tokens_per_expert [M, E], drop_fraction.
+        Returns y: [N, D] and a dict of stats: aux_loss, z_loss, tokens_per_expert [M, E], drop_fraction,
+        first_expert [N] (each token's first-choice expert, whether or not capacity dropped it).
         """
         N, D = x.shape
         E, k, M = self.num_experts, self.top_k, self.num_modalities
@@ -201,4 +150,64 @@ class MoE(nn.Module):
             'z_loss': router_z_loss(logits),
             'tokens_per_expert': tokens_per_expert,
             'drop_fraction': 1.0 - tokens_per_expert.sum().float() / max(A, 1),
+            'first_expert': top_e[:, 0],  # (N,) each token's first choice, in input order (pictures)
         }
+
+
+# ---- the performance kernel: a hand-written forward and backward of all experts at once ----
+
+class ExpertFFN(torch.autograd.Function):
+    """Every expert's two-layer GELU FFN on its contiguous slice of the expert-sorted tokens.
+
+    What it computes is MoE.expert_forward of each expert on its slice; it exists for speed.
+    Autograd over per-expert slices of the stacked weights would give each expert a full-size
+    (E, D, H) gradient and then add them up; here each expert's weight gradient is written once,
+    straight into its row of one (E, D, H) tensor: a step reads the expert weights twice and
+    writes their gradients once, whatever the number of tokens. Idle experts get
+    zero gradients, so every parameter is in the graph (DDP needs that). The README's speed
+    section has the measurements behind this.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, counts):
+        """x: [A, D] grouped by expert, counts[e] rows each; w1: [E, D, H], b1: [E, H], w2: [E, H, D], b2: [E, D]."""
+        with torch.autocast(x.device.type, enabled=False):  # the caller cast everything to one dtype
+            pre = x.new_empty(x.shape[0], w1.shape[2])  # (A, H) pre-activations, kept for backward
+            for e, rows in enumerate(_slices(counts)):
+                torch.addmm(b1[e], x[rows], w1[e], out=pre[rows])
+            h = F.gelu(pre)  # (A, H): one elementwise call for all experts
+            out = x.new_empty(x.shape)  # (A, D)
+            for e, rows in enumerate(_slices(counts)):
+                torch.addmm(b2[e], h[rows], w2[e], out=out[rows])
+        ctx.save_for_backward(x, w1, w2, pre, h)
+        ctx.counts = counts
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, w1, w2, pre, h = ctx.saved_tensors
+        grad_out = grad_out.contiguous()  # (A, D)
+        E, D, H = w1.shape
+        grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)  # (E, D, H), (E, H, D)
+        grad_b1, grad_b2 = x.new_empty(E, H), x.new_empty(E, D)
+        grad_h = torch.empty_like(pre)  # (A, H)
+        for e, rows in enumerate(_slices(ctx.counts)):  # an idle expert's sums and products are zeros
+            torch.mm(h[rows].t(), grad_out[rows], out=grad_w2[e])
+            torch.sum(grad_out[rows], dim=0, out=grad_b2[e])
+            torch.mm(grad_out[rows], w2[e].t(), out=grad_h[rows])
+        grad_pre = torch.ops.aten.gelu_backward(grad_h, pre)  # (A, H)
+        grad_x = torch.empty_like(x)  # (A, D)
+        for e, rows in enumerate(_slices(ctx.counts)):
+            torch.mm(x[rows].t(), grad_pre[rows], out=grad_w1[e])
+            torch.sum(grad_pre[rows], dim=0, out=grad_b1[e])
+            torch.mm(grad_pre[rows], w1[e].t(), out=grad_x[rows])
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+
+
+def _slices(counts: list[int]):
+    """Row slices of consecutive segments of the given lengths."""
+    start = 0
+    for c in counts:
+        yield slice(start, start + c)
+        start += c

@@ -268,3 +268,15 @@ def test_expert_ffn_gradcheck(counts):
         x_e = args[0][start:start + n]
         torch.testing.assert_close(out[start:start + n], F.gelu(x_e @ args[1][e] + args[2][e]) @ args[3][e] + args[4][e])
         start += n
+
+
+def test_first_expert_is_the_routers_argmax_in_token_order():
+    moe = make_moe(num_experts=6, capacity_factor=0.5).eval()  # a tight capacity: dropped tokens keep their choice
+    x, modality = torch.randn(30, 16), torch.randint(0, 2, (30,))
+    _, stats = moe(x, modality)
+    want = moe.router_logits(x, modality).argmax(-1)  # (N,)
+    assert stats['first_expert'].dtype == torch.long and torch.equal(stats['first_expert'], want)
+    assert stats['drop_fraction'] > 0
+    # permuting the tokens permutes the first choices alike
+    perm = torch.randperm(30)
+    assert torch.equal(moe(x[perm], modality[perm])[1]['first_expert'], want[perm])
