@@ -9,6 +9,7 @@
 pretrain.py draws them every --picture-every steps. For a checkpoint, after the fact:
     python pictures.py runs/pretrain/last.pt                       # routing_<step>.png and recon_<step>.png beside it
     python pictures.py runs/pretrain/last.pt --n 6 --out-dir pics  # other pairs, another folder
+    python pictures.py runs/pretrain/last.pt --n 200 --json data/shapes/retrieval_test.json  # the ratio on 200 test images
 """
 import argparse
 import colorsys
@@ -211,8 +212,9 @@ def main(argv=None):
     out_dir, step = Path(args.out_dir or Path(args.checkpoint).parent), ckpt.get("step", 0)
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(kind == "moe" for kind in cfg.ffn_kinds()):
-        experts = first_experts(model, batch["image"], batch["text_ids"], batch["text_mask"])
-        save_routing(out_dir / f"routing_{step:07d}.png", batch["image"], batch["text_ids"], batch["text_mask"],
+        few = {k: batch[k][:6] for k in ("image", "text_ids", "text_mask")}  # a picture of 6 pairs at most
+        experts = first_experts(model, few["image"], few["text_ids"], few["text_mask"])
+        save_routing(out_dir / f"routing_{step:07d}.png", few["image"], few["text_ids"], few["text_mask"],
                      experts, tokenizer, cfg)
     if cfg.image_mask_ratio > 0:
         torch.manual_seed(args.seed)
@@ -220,6 +222,8 @@ def main(argv=None):
             enc = model.encode(batch["image"], batch["text_ids"], batch["text_mask"], cfg.image_mask_ratio)
             pred = model.decoder(enc["hidden"][:, :enc["n_image"]], enc["ids_restore"])  # the caption unmasked
         save_reconstruction(out_dir / f"recon_{step:07d}.png", batch["image"], pred, enc["mask"], cfg)
+        print(f"recon_fg_ratio on these {len(batch['image'])} pairs: "
+              f"{foreground_ratio(batch['image'], pred, enc['mask'], cfg):.3f} (1 = the background colour's loss)")
     print(f"pictures of {args.checkpoint} (step {step}) in {out_dir}")
 
 
