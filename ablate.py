@@ -23,10 +23,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import inference
 import training
 
 ROOT = Path(__file__).resolve().parent
-TASKS = {"vqa": "vqa_accuracy", "nlvr2": "nlvr2_accuracy", "retrieval": "r_mean"}
+TASKS = {name: task.metric for name, task in inference.TASKS.items()}  # each fine-tuning task's test metric
 # arm name -> (pre-training objective or None, model flags)
 TABLES = {
     "objectives": {"scratch": (None, []), "msm": ("msm", []), "itc_itm": ("itc_itm", [])},

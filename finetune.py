@@ -76,9 +76,7 @@ class FinetuneConfig:
     skip_bad: bool = False  # skip and count bad rows/images instead of stopping
 
 
-# what each benchmark trains, on which data
-TRAIN_OBJECTIVE = {"vqa": "vqa", "nlvr2": "nlvr2", "retrieval": "itc_itm"}
-TRAIN_SETS = {"vqa": data.VQADataset, "nlvr2": data.NLVR2Dataset, "retrieval": data.RetrievalTrainDataset}
+# what each task trains, on which data, and its val metric: inference.TASKS
 # Sized for 3-5 CPU minutes with the tiny preset on the shapes world (12,000 / 2,000 / 20,000 training rows; a
 # retrieval step is 5 encoder passes per pair and its evaluation runs ITM on ~11,000 pairs). That shows the whole
 # pipeline, not a result: from scratch VQA reaches the language prior (the majority answer per question kind,
@@ -211,8 +209,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     fc = FinetuneConfig(**training.pick_fields(args, FinetuneConfig))
-    if fc.task not in TRAIN_OBJECTIVE:
-        raise SystemExit(f"error: --task must be one of {sorted(TRAIN_OBJECTIVE)}, not {fc.task!r}")
+    if fc.task not in inference.TASKS:
+        raise SystemExit(f"error: --task must be one of {sorted(inference.TASKS)}, not {fc.task!r}")
     if fc.rank not in inference.RANK_MODES:
         raise SystemExit(f"error: --rank must be one of {', '.join(inference.RANK_MODES)}, not {fc.rank!r}")
     overrides = training.pick_fields(args, EVEConfig, skip_none=True)
@@ -235,7 +233,8 @@ def run(fc, overrides, rank, world, device):
         cfg, tokenizer, init = EVEConfig(**resume["config"]), tokenizer_from_state(resume["vocab"]), None
     else:
         cfg, tokenizer, init = base_config(fc, overrides, rank)
-    train_set = TRAIN_SETS[fc.task](fc.train_json, fc.image_root, cfg.image_size, skip_bad=fc.skip_bad)
+    task = inference.TASKS[fc.task]
+    train_set = task.train_set(fc.train_json, fc.image_root, cfg.image_size, skip_bad=fc.skip_bad)
     answers = None
     if fc.task == "vqa":
         answers = resume["answers"] if resume else vqa_answers(fc, train_set.rows, verbose=rank == 0)
@@ -253,11 +252,11 @@ def run(fc, overrides, rank, world, device):
     model = EVE(cfg).to(device)
     if init:
         load_init(model, init, fc.init, verbose=rank == 0)
-    objective = TRAIN_OBJECTIVE[fc.task]
+    objective = task.objective
     model.freeze_unused_heads(objective)
     opt, sched = training.make_optimizer(model, fc)
     step = training.restore(resume, resume_path, model, opt, sched, rank, world) if resume else 0
-    out_dir, key = Path(fc.out_dir), inference.VAL_METRIC[fc.task]
+    out_dir, key = Path(fc.out_dir), task.metric
     best_path = out_dir / "best.pt"
     best = {"metric": -math.inf, "step": 0, "val": None}  # the val score of best.pt
     if resume:  # best.pt may be newer than the resume checkpoint

@@ -6,6 +6,7 @@ checkpoint with it (load_finetuned). The metrics themselves are the pure functio
 """
 import contextlib
 import json
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -16,7 +17,22 @@ from evaluate import human_answers, nlvr2_accuracy, nlvr2_consistency, retrieval
 from model import EVE, EVEConfig
 from tokenization import tokenizer_from_state
 
-VAL_METRIC = {"vqa": "vqa_accuracy", "nlvr2": "nlvr2_accuracy", "retrieval": "r_mean"}  # model selection
+
+
+@dataclass(frozen=True)
+class Task:
+    """A fine-tuning benchmark: what it trains, on which data, and which val metric picks best.pt."""
+    objective: str  # the model.TASK_HEADS part(s) it trains
+    train_set: type  # data.py class of its training JSON
+    eval_set: type  # data.py class of its val and test JSON
+    metric: str  # key of evaluate_split's metrics that selects the best checkpoint (higher is better)
+
+
+# the fine-tuning tasks: finetune.py trains them, evaluate_split scores them, ablate.py tabulates their metrics
+TASKS = {"vqa": Task("vqa", data.VQADataset, data.VQADataset, "vqa_accuracy"),
+         "nlvr2": Task("nlvr2", data.NLVR2Dataset, data.NLVR2Dataset, "nlvr2_accuracy"),
+         "retrieval": Task("itc_itm", data.RetrievalTrainDataset, data.RetrievalEvalDataset, "r_mean")}
+
 NOT_CANDIDATE = -1e4  # retrieval score of a pair outside the query's top-k ITC candidates (ALBEF: -100)
 RANK_MODES = ("itc", "itm", "itc+itm")  # how retrieval ranks a query's top-k candidates: see rerank_topk
 
@@ -159,14 +175,12 @@ def evaluate_split(task, model, tokenizer, json_path, image_root, device, answer
     where to write VQA predictions ([{"question_id", "answer"}]) or NLVR2 ones ([{"identifier" or "index",
     "prediction"}]). VQA rows without answers (a test-dev split) give predictions only. Raises data.DataError
     on bad data."""
-    size = model.cfg.image_size
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
+    dataset = TASKS[task].eval_set(json_path, image_root, model.cfg.image_size, skip_bad=skip_bad)
     if task == "retrieval":
-        dataset = data.RetrievalEvalDataset(json_path, image_root, size, skip_bad)
         i2t, t2i = retrieval_scores(model, dataset, tokenizer, k_test, device, batch_size, num_workers, rank)
         return retrieval_recall(i2t, t2i, dataset.img2txt, dataset.txt2img)
-    if task not in ("vqa", "nlvr2"):
-        raise ValueError(f"unknown task {task!r}; choose from {sorted(VAL_METRIC)}")
-    dataset = (data.VQADataset if task == "vqa" else data.NLVR2Dataset)(json_path, image_root, size, skip_bad=skip_bad)
     loader = data.make_loader(dataset, batch_size, data.Collator(tokenizer, model.cfg.max_text_len), shuffle=False,
                               num_workers=num_workers)
     if task == "vqa":

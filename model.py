@@ -6,7 +6,8 @@ modality-aware sparse mixture of experts, moe.py, EVE's top layers) or `dense` (
 shared FFN, for ablations). Every token carries an explicit modality id (0 = vision,
 1 = text) from the embeddings down to the FFNs and the router.
 
-Order: leaf modules, config and presets, the model, its losses.
+Order: leaf modules, config and presets, the model. EVE itself reads in the paper's order: embed and
+mask -> encode -> decode -> loss_msm, then the ITC+ITM baseline, then the fine-tuning heads, then forward.
 """
 import math
 from dataclasses import dataclass, asdict
@@ -20,10 +21,13 @@ from masking import block_masking, patchify, random_masking
 from moe import MoE
 
 VISION, TEXT = 0, 1  # modality ids
-# what each task part uses beyond the encoder (model attribute names)
-TASK_HEADS = {"msm": ("decoder", "mlm_transform", "mlm_bias"), "mlm": ("mlm_transform", "mlm_bias"),
-              "itc_itm": ("itc_image", "itc_text", "temp", "pooler", "itm_head"),
-              "vqa": ("vqa_head",), "nlvr2": ("nlvr2_head",)}
+# The training objectives ("parts") and the heads each uses beyond the encoder (EVE attribute names). Part p's
+# loss is the method EVE.loss_<p>. A task is one part or several joined by '+' ("msm", "itc_itm+mlm"): forward
+# sums their losses and freeze_unused_heads freezes every head none of them uses.
+TASK_HEADS = {"msm": ("decoder", "mlm_transform", "mlm_bias"),  # the paper's masked signal modeling
+              "itc_itm": ("itc_image", "itc_text", "temp", "pooler", "itm_head"),  # the contrastive baseline
+              "mlm": ("mlm_transform", "mlm_bias"),  # masked text with the full image (optional, with itc_itm)
+              "vqa": ("vqa_head",), "nlvr2": ("nlvr2_head",)}  # fine-tuning; retrieval fine-tunes with itc_itm
 
 
 def drop_path(x, p, training):
@@ -316,7 +320,7 @@ class EVE(nn.Module):
             if hasattr(self, head):
                 getattr(self, head).requires_grad_(False)
 
-    # ---- encoder -------------------------------------------------------------------
+    # ---- the paper's path: embed (and mask) -> encode -> decode -> loss_msm ----------------------------------
 
     def embed_image(self, images, mask_ratio=0.0):
         """images: [N, 3, H, W] -> tokens [N, 1 + L_keep, D] ([CLS_v] first), mask [N, L], ids_restore [N, L]."""
@@ -370,14 +374,51 @@ class EVE(nn.Module):
         n_image = parts[0].shape[1] if images is not None else 0
         return dict(hidden=self.norm(x), n_image=n_image, mask=mask, ids_restore=ids_restore, moe=moe_stats)
 
-    # ---- features used by the task heads and by evaluation ----------------------------
+    def mlm_loss(self, hidden, labels):
+        """Masked-token prediction on the masked positions only. hidden: [N, T, D], labels: [N, T]."""
+        picked = labels != -100
+        h = self.mlm_transform(hidden[picked])  # (n_masked, D)
+        logits = F.linear(h, self.word_embed.weight, self.mlm_bias)  # tied to the input embeddings
+        return F.cross_entropy(logits.float(), labels[picked]), logits
+
+    def mim_loss(self, images, pred, mask):
+        """Masked image modeling: MSE of the predicted pixels on the removed patches only. pred: [N, L, p*p*3], mask: [N, L] with 1 = removed."""
+        target = patchify(images, self.cfg.patch_size)
+        if self.cfg.norm_pix_loss:
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        loss = ((pred.float() - target) ** 2).mean(-1)  # (N, L) per patch
+        return (loss * mask).sum() / mask.sum()
+
+    def loss_msm(self, batch, mask_ratio=None):
+        """Masked signal modeling = masked image modeling (pixels of the removed patches, mim_loss) + masked
+        language modeling (mlm_loss), in ONE pass over the visible patches and the masked text. mask_ratio:
+        the share of patches removed (default: cfg.image_mask_ratio); with 0 no patch is removed, so there is
+        no image loss (masked text, full image)."""
+        ratio = self.cfg.image_mask_ratio if mask_ratio is None else mask_ratio
+        enc = self.encode(batch["image"], batch["mlm_ids"], batch["text_mask"], ratio)
+        n = enc["n_image"]
+        loss_mlm, _ = self.mlm_loss(enc["hidden"][:, n:], batch["mlm_labels"])
+        out = {"loss_mlm": loss_mlm}
+        if enc["mask"] is not None:
+            pred = self.decoder(enc["hidden"][:, :n], enc["ids_restore"])
+            out.update(loss_mim=self.mim_loss(batch["image"], pred, enc["mask"]), pred=pred.detach(), mask=enc["mask"])
+        return out, enc["moe"], 1
+
+    # ---- the ITC+ITM baseline (and retrieval): contrastive features, matching, optional MLM ------------------
+
+    def itc_embedding(self, enc, head):
+        """L2-normalised ITC embedding [N, itc_dim] of the [CLS] of a one-modality encoding (encode's dict);
+        head: self.itc_image or self.itc_text."""
+        return F.normalize(head(enc["hidden"][:, 0]), dim=-1)
 
     def image_features(self, images):
-        """L2-normalised ITC embedding of images: [N, itc_dim]."""
-        return F.normalize(self.itc_image(self.encode(images=images)["hidden"][:, 0]), dim=-1)
+        """ITC embedding of images: [N, itc_dim]."""
+        return self.itc_embedding(self.encode(images=images), self.itc_image)
 
     def text_features(self, text_ids, text_mask):
-        return F.normalize(self.itc_text(self.encode(text_ids=text_ids, text_mask=text_mask)["hidden"][:, 0]), dim=-1)
+        """ITC embedding of texts: [N, itc_dim]."""
+        return self.itc_embedding(self.encode(text_ids=text_ids, text_mask=text_mask), self.itc_text)
 
     def itc_temperature(self):
         """The learned ITC temperature, kept in [0.001, 0.5] (ALBEF's bounds) so the logits cannot blow up."""
@@ -392,92 +433,13 @@ class EVE(nn.Module):
         cls, stats = self.fused_cls(images, text_ids, text_mask)
         return self.itm_head(self.pooler(cls)), stats
 
-    def vqa_logits(self, images, text_ids, text_mask):
-        cls, stats = self.fused_cls(images, text_ids, text_mask)
-        return self.vqa_head(cls), stats
-
-    def nlvr2_logits(self, image0, image1, text_ids, text_mask):
-        left, s0 = self.fused_cls(image0, text_ids, text_mask)
-        right, s1 = self.fused_cls(image1, text_ids, text_mask)
-        return self.nlvr2_head(torch.cat([left, right], dim=-1)), s0 + s1
-
-    # ---- losses: each returns a dict of named losses -----------------------------------
-
-    def forward(self, batch, task="msm"):
-        """batch: the collator's dict, plus 'mlm_ids'/'mlm_labels' (masked text) for msm and mlm,
-        'vqa_targets' for vqa. task: '+'-joined parts of msm, itc_itm, mlm, vqa, nlvr2.
-
-        Returns {'loss': weighted total, 'loss_<part>': each part, 'loss_moe', ...}.
-        """
-        parts = {"msm": self.loss_msm, "itc_itm": self.loss_itc_itm, "mlm": self.loss_mlm,
-                 "vqa": self.loss_vqa, "nlvr2": self.loss_nlvr2}
-        out, moe_stats, passes = {}, [], 0
-        for name in task.split("+"):
-            if name not in parts:
-                raise ValueError(f"unknown task part {name!r}; choose from {sorted(parts)}")
-            losses, stats, n = parts[name](batch)
-            out.update(losses)
-            moe_stats += stats
-            passes += n
-        out.update(self.moe_summary(moe_stats, passes))
-        weights = {"loss_mlm": self.cfg.mlm_weight}
-        out["loss"] = sum(weights.get(k, 1.0) * v for k, v in out.items() if k.startswith("loss_"))
-        return out
-
-    def moe_summary(self, stats, passes):
-        """Auxiliary loss averaged over encoder passes; per-layer expert load summed over them."""
-        if not stats:
-            return {}
-        n_layers = len(stats) // passes
-        aux = sum(s["aux_loss"] for s in stats) / passes
-        z = sum(s["z_loss"] for s in stats) / passes
-        load = [sum(s["tokens_per_expert"] for s in stats[i::n_layers]) for i in range(n_layers)]
-        return {"loss_moe": self.cfg.moe_aux_weight * aux + self.cfg.moe_z_weight * z,
-                "moe_aux": aux.detach() / n_layers, "moe_load": load,  # load[i]: (modalities, experts)
-                "moe_drop": sum(s["drop_fraction"] for s in stats).detach() / len(stats)}
-
-    def mlm_loss(self, hidden, labels):
-        """Masked-token prediction on the masked positions only. hidden: [N, T, D], labels: [N, T]."""
-        picked = labels != -100
-        h = self.mlm_transform(hidden[picked])  # (n_masked, D)
-        logits = F.linear(h, self.word_embed.weight, self.mlm_bias)  # tied to the input embeddings
-        return F.cross_entropy(logits.float(), labels[picked]), logits
-
-    def pixel_loss(self, images, pred, mask):
-        """MSE on the removed patches only. pred: [N, L, p*p*3], mask: [N, L] with 1 = removed."""
-        target = patchify(images, self.cfg.patch_size)
-        if self.cfg.norm_pix_loss:
-            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
-        loss = ((pred.float() - target) ** 2).mean(-1)  # (N, L) per patch
-        return (loss * mask).sum() / mask.sum()
-
-    def loss_msm(self, batch):
-        """Masked signal modeling: ONE pass over the visible patches and the masked text. With
-        image_mask_ratio 0 no patch is removed, so there is no pixel loss (masked text, full image)."""
-        enc = self.encode(batch["image"], batch["mlm_ids"], batch["text_mask"], self.cfg.image_mask_ratio)
-        n = enc["n_image"]
-        loss_mlm, _ = self.mlm_loss(enc["hidden"][:, n:], batch["mlm_labels"])
-        out = {"loss_mlm": loss_mlm}
-        if enc["mask"] is not None:
-            pred = self.decoder(enc["hidden"][:, :n], enc["ids_restore"])
-            out.update(loss_mim=self.pixel_loss(batch["image"], pred, enc["mask"]), pred=pred.detach(), mask=enc["mask"])
-        return out, enc["moe"], 1
-
-    def loss_mlm(self, batch):
-        """Masked text with the FULL image (the optional MLM of the ITC+ITM baseline)."""
-        enc = self.encode(batch["image"], batch["mlm_ids"], batch["text_mask"])
-        loss, _ = self.mlm_loss(enc["hidden"][:, enc["n_image"]:], batch["mlm_labels"])
-        return {"loss_mlm": loss}, enc["moe"], 1
-
     def loss_itc_itm(self, batch):
         """Image-text contrastive loss over all DDP ranks, then image-text matching on the
         positives and on one hard negative image per text and one hard negative text per image."""
         images, ids, tmask = batch["image"], batch["text_ids"], batch["text_mask"]
         B = images.shape[0]
         enc_i, enc_t = self.encode(images=images), self.encode(text_ids=ids, text_mask=tmask)
-        img = F.normalize(self.itc_image(enc_i["hidden"][:, 0]), dim=-1)  # (B, E)
-        txt = F.normalize(self.itc_text(enc_t["hidden"][:, 0]), dim=-1)
+        img, txt = self.itc_embedding(enc_i, self.itc_image), self.itc_embedding(enc_t, self.itc_text)  # (B, E)
         # positives: the same image id, or by default the pair's own position across ranks
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         pair_ids = batch.get("image_id", torch.arange(B, device=images.device) + rank * B)
@@ -502,6 +464,23 @@ class EVE(nn.Module):
         loss_itm = F.cross_entropy(logits.float(), labels)
         return {"loss_itc": loss_itc, "loss_itm": loss_itm}, enc_i["moe"] + enc_t["moe"] + stats, 3
 
+    def loss_mlm(self, batch):
+        """Masked text with the FULL image (the optional MLM of the ITC+ITM baseline)."""
+        enc = self.encode(batch["image"], batch["mlm_ids"], batch["text_mask"])
+        loss, _ = self.mlm_loss(enc["hidden"][:, enc["n_image"]:], batch["mlm_labels"])
+        return {"loss_mlm": loss}, enc["moe"], 1
+
+    # ---- fine-tuning heads -----------------------------------------------------------------------------------
+
+    def vqa_logits(self, images, text_ids, text_mask):
+        cls, stats = self.fused_cls(images, text_ids, text_mask)
+        return self.vqa_head(cls), stats
+
+    def nlvr2_logits(self, image0, image1, text_ids, text_mask):
+        left, s0 = self.fused_cls(image0, text_ids, text_mask)
+        right, s1 = self.fused_cls(image1, text_ids, text_mask)
+        return self.nlvr2_head(torch.cat([left, right], dim=-1)), s0 + s1
+
     def loss_vqa(self, batch):
         """Binary cross-entropy against soft answer scores, scaled by the number of answers (VLMo/ALBEF)."""
         logits, stats = self.vqa_logits(batch["image"], batch["text_ids"], batch["text_mask"])
@@ -512,6 +491,41 @@ class EVE(nn.Module):
     def loss_nlvr2(self, batch):
         logits, stats = self.nlvr2_logits(batch["image0"], batch["image1"], batch["text_ids"], batch["text_mask"])
         return {"loss_nlvr2": F.cross_entropy(logits.float(), batch["label"]), "logits": logits.detach()}, stats, 2
+
+    # ---- training: the sum of a task's losses ----------------------------------------------------------------
+
+    def forward(self, batch, task="msm", mask_ratio=None):
+        """batch: the collator's dict, plus 'mlm_ids'/'mlm_labels' (masked text) for msm and mlm,
+        'vqa_targets' for vqa. task: '+'-joined parts of TASK_HEADS. mask_ratio: MSM's image mask ratio
+        (default: the config's).
+
+        Returns {'loss': weighted total, 'loss_<part>': each part, 'loss_moe', ...}.
+        """
+        out, moe_stats, passes = {}, [], 0
+        for name in task.split("+"):
+            if name not in TASK_HEADS:
+                raise ValueError(f"unknown task part {name!r}; choose from {sorted(TASK_HEADS)}")
+            loss_fn = getattr(self, f"loss_{name}")  # each part's loss method: (losses, MoE stats, encoder passes)
+            losses, stats, n = loss_fn(batch, mask_ratio) if name == "msm" else loss_fn(batch)
+            out.update(losses)
+            moe_stats += stats
+            passes += n
+        out.update(self.moe_summary(moe_stats, passes))
+        weights = {"loss_mlm": self.cfg.mlm_weight}
+        out["loss"] = sum(weights.get(k, 1.0) * v for k, v in out.items() if k.startswith("loss_"))
+        return out
+
+    def moe_summary(self, stats, passes):
+        """Auxiliary loss averaged over encoder passes; per-layer expert load summed over them."""
+        if not stats:
+            return {}
+        n_layers = len(stats) // passes
+        aux = sum(s["aux_loss"] for s in stats) / passes
+        z = sum(s["z_loss"] for s in stats) / passes
+        load = [sum(s["tokens_per_expert"] for s in stats[i::n_layers]) for i in range(n_layers)]
+        return {"loss_moe": self.cfg.moe_aux_weight * aux + self.cfg.moe_z_weight * z,
+                "moe_aux": aux.detach() / n_layers, "moe_load": load,  # load[i]: (modalities, experts)
+                "moe_drop": sum(s["drop_fraction"] for s in stats).detach() / len(stats)}
 
 
 if __name__ == "__main__":  # python model.py: the presets and their parameter counts

@@ -124,14 +124,14 @@ def test_checkpoint_of_another_preset_lists_mismatched_tensors():
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_world, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = EVE.pixel_loss
+    real = EVE.mim_loss
 
     def poisoned(self, *args):  # the 5th step's loss is NaN
         calls["n"] += 1
         loss = real(self, *args)
         return loss * float("nan") if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(EVE, "pixel_loss", poisoned)
+    monkeypatch.setattr(EVE, "mim_loss", poisoned)
     flags = ["--train-json", str(small_world["pretrain"]), "--vocab", str(small_world["vocab"]), *TINY_MODEL_FLAGS,
              "--out-dir", str(tmp_path), "--batch-size", "4", "--num-workers", "0", "--save-every", "2", "--max-steps", "10"]
     with pytest.raises(SystemExit, match="loss is nan at step 4"):
