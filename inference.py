@@ -18,7 +18,6 @@ from model import EVE, EVEConfig
 from tokenization import tokenizer_from_state
 
 
-
 @dataclass(frozen=True)
 class Task:
     """A fine-tuning benchmark: what it trains, on which data, and which val metric picks best.pt."""
