@@ -7,6 +7,7 @@ CPU, 2 cores: the tiny preset (about 1 minute), then base at batch 8 (a few minu
     python bench.py --preset tiny --tables     # also the mask-ratio, MoE token-count and resolution tables
 One GPU (bf16 autocast by default there; --dtype fp32 for the fp32 figures):
     python bench.py --preset base --device cuda --json bench_base_gpu.json
+    bash gpu_check.sh     # this, 20 base pre-training steps in bf16 and a 2-process torchrun: under 5 minutes
 Smoke run (one repeat): python bench.py --quick
 bf16 rows on a CPU: timed only where a small probe finds bf16 matmuls not slower than fp32
 (CPUs without AVX512-BF16 or AMX emulate bf16, hundreds of times slower); --bf16 on|off forces it.
@@ -60,7 +61,7 @@ class BenchOptions:
     tokens: int = 0  # tokens of the MoE-layer benchmark; 0 = what the MSM batch sends through a MoE layer
     experts: int = 32  # experts of the MoE layer in the one-hot dispatch comparison
     capacity_factor: float = 2.0  # capacity of the one-hot baseline, a multiple of the fair share
-    matmul_size: int = 2048  # side of the square matmuls that measure the peak FLOP/s
+    matmul_size: int = 0  # side of the square matmuls that measure the peak FLOP/s; 0 = 2048 on CPU, 8192 on GPU
     json: str = ""  # also write the results to this JSON file
     quick: bool = False  # one repeat, one warm-up (tests, smoke runs)
     seed: int = 0  # weights, batch and masks
@@ -446,6 +447,9 @@ def bench_matmul(n, repeats, warmup, device, bf16=True):
 def run_bench(bo):
     """All benchmarks; returns one flat dict (the JSON)."""
     device = torch.device(bo.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {bo.device} but CUDA is not available (torch {torch.__version__}, "
+                         f"built for CUDA {torch.version.cuda or 'none'}): drop --device for the CPU")
     if bo.threads:
         torch.set_num_threads(bo.threads)
     dtype = bo.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -460,7 +464,8 @@ def run_bench(bo):
     cpu_model, cpu_flags = cpu_info()
     res = dict(preset=bo.preset, device=str(device), dtype=dtype, batch_size=B, repeats=repeats, warmup=warmup,
                threads=torch.get_num_threads(), torch=torch.__version__, load_avg_before=os.getloadavg()[0],
-               cpu_model=cpu_model, cpu_bf16_flags=cpu_flags)
+               cpu_model=cpu_model, cpu_bf16_flags=cpu_flags,
+               gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
 
     # bf16 rows: always when the run is bf16; otherwise only where bf16 matrix math is not slower than fp32
     res["bf16_probe_speedup"] = probe_bf16(device) if bo.bf16 == "auto" and dtype == "fp32" else None
@@ -483,7 +488,8 @@ def run_bench(bo):
     # short calls are noisier, so the layer and matmul timings take 4x the repeats
     res.update(bench_moe(cfg, bo, device, dtype, bo.tokens or n_vision + n_text, share, 4 * repeats, warmup,
                          profile=bo.profile))
-    res.update(bench_matmul(bo.matmul_size, 4 * repeats, warmup, device, bf16=use_bf16))
+    n = bo.matmul_size or (8192 if device.type == "cuda" else 2048)  # a GPU needs large ones to reach its peak
+    res.update(bench_matmul(n, 4 * repeats, warmup, device, bf16=use_bf16))
     res.update(bench_memory_bandwidth(4 * repeats, warmup, device))
     res["moe_memory_floor_s"], res["dense_equiv_memory_floor_s"] = moe_memory_floor(
         cfg, res["memory_bandwidth_bytes_per_s"], dtype)

@@ -152,3 +152,24 @@ def test_peer_keys_and_equal_tokens():
     # equal work: the same matmul FLOPs up to how attention's backward is counted; top-2 experts do more
     assert abs(res["eve_dense_flops"] / res["vilt_flops"] - 1) < 0.1
     assert res["eve_default_flops"] > 1.1 * res["eve_dense_flops"]
+
+
+def test_cuda_requested_without_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        bench.main(["--device", "cuda", "--quick"])
+    except SystemExit as e:
+        assert "CUDA is not available" in str(e)
+    else:
+        raise AssertionError("--device cuda ran without CUDA")
+
+
+def test_gpu_check_script_stops_clearly_without_cuda(tmp_path):
+    """The CPU-visible part of gpu_check.sh: without a GPU it stops at once with one line, before any work."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run(["bash", str(root / "gpu_check.sh"), str(tmp_path / "out")], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr, (r.returncode, r.stderr[-500:])
+    assert not (tmp_path / "out" / "bench_base_gpu.json").exists()
