@@ -130,11 +130,12 @@ class MoE(nn.Module):
         # the one host sync: the experts' slice lengths must be Python ints
         kept_counts = counts.clamp(max=cap).tolist()
 
-        # under autocast the experts run in its dtype, like the nn.Linear layers around them
+        # under autocast the experts run in its dtype, like the nn.Linear layers around them; the kernel
+        # casts their weights one expert at a time (no full low-precision copy of all experts)
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         # index_select, not x[tok_kept]: its backward is an index_add_, not a slower accumulating index_put_
-        out = ExpertFFN.apply(x.index_select(0, tok_kept).to(dt),
-                              *(t.to(dt) for t in (self.w1, self.b1, self.w2, self.b2)), kept_counts)  # (A_kept, D)
+        out = ExpertFFN.apply(x.index_select(0, tok_kept).to(dt), self.w1, self.b1, self.w2, self.b2,
+                              kept_counts)  # (A_kept, D) grouped by expert, in dtype dt
         out = self.dropout(out) * w_kept.to(dt).unsqueeze(1)
         # no renormalisation after drops: a dropped assignment simply contributes nothing
         y = x.new_zeros(N, D).index_add_(0, tok_kept, out.to(x.dtype))  # (N, D)
@@ -164,21 +165,24 @@ class ExpertFFN(torch.autograd.Function):
     (E, D, H) gradient and then add them up; here each expert's weight gradient is written once,
     straight into its row of one (E, D, H) tensor: a step reads the expert weights twice and
     writes their gradients once, whatever the number of tokens. Idle experts get
-    zero gradients, so every parameter is in the graph (DDP needs that). The README's speed
-    section has the measurements behind this.
+    zero gradients, so every parameter is in the graph (DDP needs that). The matmuls run in x's
+    dtype; weights in another dtype (fp32 master weights of a bf16 step) are cast one expert at a
+    time, while that expert's slice of weights is in cache, and their gradients come back in the
+    weights' dtype. The README's speed section has the measurements behind this.
     """
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, counts):
         """x: [A, D] grouped by expert, counts[e] rows each; w1: [E, D, H], b1: [E, H], w2: [E, H, D], b2: [E, D]."""
-        with torch.autocast(x.device.type, enabled=False):  # the caller cast everything to one dtype
+        dt = x.dtype
+        with torch.autocast(x.device.type, enabled=False):  # the dtype is chosen by the caller
             pre = x.new_empty(x.shape[0], w1.shape[2])  # (A, H) pre-activations, kept for backward
             for e, rows in enumerate(_slices(counts)):
-                torch.addmm(b1[e], x[rows], w1[e], out=pre[rows])
+                torch.addmm(b1[e].to(dt), x[rows], w1[e].to(dt), out=pre[rows])  # .to: a no-op in one dtype
             h = F.gelu(pre)  # (A, H): one elementwise call for all experts
             out = x.new_empty(x.shape)  # (A, D)
             for e, rows in enumerate(_slices(counts)):
-                torch.addmm(b2[e], h[rows], w2[e], out=out[rows])
+                torch.addmm(b2[e].to(dt), h[rows], w2[e].to(dt), out=out[rows])
         ctx.save_for_backward(x, w1, w2, pre, h)
         ctx.counts = counts
         return out
@@ -189,20 +193,29 @@ class ExpertFFN(torch.autograd.Function):
         x, w1, w2, pre, h = ctx.saved_tensors
         grad_out = grad_out.contiguous()  # (A, D)
         E, D, H = w1.shape
+        dt, wt = x.dtype, w1.dtype  # compute dtype, weight (and weight-gradient) dtype
         grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)  # (E, D, H), (E, H, D)
-        grad_b1, grad_b2 = x.new_empty(E, H), x.new_empty(E, D)
+        grad_b1, grad_b2 = w1.new_empty(E, H), w1.new_empty(E, D)
         grad_h = torch.empty_like(pre)  # (A, H)
         for e, rows in enumerate(_slices(ctx.counts)):  # an idle expert's sums and products are zeros
-            torch.mm(h[rows].t(), grad_out[rows], out=grad_w2[e])
-            torch.sum(grad_out[rows], dim=0, out=grad_b2[e])
-            torch.mm(grad_out[rows], w2[e].t(), out=grad_h[rows])
+            _mm_into(grad_w2[e], h[rows].t(), grad_out[rows])
+            torch.sum(grad_out[rows], dim=0, dtype=wt, out=grad_b2[e])
+            torch.mm(grad_out[rows], w2[e].to(dt).t(), out=grad_h[rows])
         grad_pre = torch.ops.aten.gelu_backward(grad_h, pre)  # (A, H)
         grad_x = torch.empty_like(x)  # (A, D)
         for e, rows in enumerate(_slices(ctx.counts)):
-            torch.mm(x[rows].t(), grad_pre[rows], out=grad_w1[e])
-            torch.sum(grad_pre[rows], dim=0, out=grad_b1[e])
-            torch.mm(grad_pre[rows], w1[e].t(), out=grad_x[rows])
+            _mm_into(grad_w1[e], x[rows].t(), grad_pre[rows])
+            torch.sum(grad_pre[rows], dim=0, dtype=wt, out=grad_b1[e])
+            torch.mm(grad_pre[rows], w1[e].to(dt).t(), out=grad_x[rows])
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+
+
+def _mm_into(out: Tensor, a: Tensor, b: Tensor):
+    """out = a @ b, multiplied in a's dtype and stored in out's (a bf16 product into an fp32 gradient)."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(torch.mm(a, b))
 
 
 def _slices(counts: list[int]):
