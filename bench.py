@@ -32,15 +32,20 @@ import sys
 import time
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torch.utils import flop_counter
-from tqdm import tqdm
+# Transparent huge pages for CPU tensors of 2 MB or more (0 opts out): each step's fresh gradients faulted in
+# 4 KB pages slowed the MoE backward. PyTorch reads this at its first CPU allocation, so it is set before the
+# imports below (importing data.py already makes one).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-import training
-from masking import mask_text
-from model import EVE, make_config
-from moe import MoE
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils import flop_counter  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import training  # noqa: E402
+from masking import mask_text  # noqa: E402
+from model import EVE, make_config  # noqa: E402
+from moe import MoE  # noqa: E402
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3  # the synthetic vocabulary's special ids (as in tests/test_model.py)
 DEFAULT_BATCH = {"tiny": 32, "small": 32, "base": 8, "large": 8}
@@ -560,9 +565,6 @@ def print_report(r):
 
 
 def main(argv=None):
-    # Transparent huge pages for CPU tensors of 2 MB or more (0 opts out): each step's fresh gradients faulted in
-    # 4 KB pages slowed the MoE backward. PyTorch reads this at its first CPU allocation; bench.py's imports make none.
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_dataclass_args(parser, BenchOptions)
     bo = BenchOptions(**training.pick_fields(parser.parse_args(argv), BenchOptions))

@@ -21,29 +21,34 @@ Evaluation runs on rank 0 only, while the other ranks wait at a barrier.
 import argparse
 import json
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+# Transparent huge pages for CPU tensors of 2 MB or more (0 opts out): see bench.py. Set before the
+# imports below, because PyTorch reads it at its first CPU allocation and importing data.py makes one.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-import data
-import evaluate
-import inference
-import training
-from model import EVE, EVEConfig, make_config
-from shapes import shapes_world
-from tokenization import load_tokenizer, tokenizer_from_state
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import inference  # noqa: E402
+import training  # noqa: E402
+from model import EVE, TASK_HEADS, EVEConfig, make_config  # noqa: E402
+from shapes import shapes_world  # noqa: E402
+from tokenization import load_tokenizer, tokenizer_from_state  # noqa: E402
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(training.TrainingConfig):
+    """finetune.py's options: the shared ones (training.TrainingConfig), its own, and its defaults."""
     task: str = "vqa"  # vqa | nlvr2 | retrieval
     init: str = ""  # pre-trained checkpoint to start from (pretrain.py's last.pt); empty = from scratch
     preset: str = "tiny"  # model preset of a from-scratch run: tiny | small | base | large
-    data_dir: str = "data/shapes"  # shapes world folder, generated when absent
     train_json: str = ""  # your own training JSON (then also --val-json and --test-json)
     val_json: str = ""  # evaluated after every epoch; picks best.pt
     test_json: str = ""  # evaluated once, with best.pt, at the end
@@ -52,28 +57,19 @@ class FinetuneConfig:
     answer_vocab: str = "counts"  # VQA classes: counts (majority answers of >= min_answer_count questions) | list
     min_answer_count: int = 9  # VQA answer threshold; 9 on VQA v2 train+val gives the usual 3,129 answers
     vocab: str = ""  # BERT vocab.txt of a from-scratch run (an --init run uses the checkpoint's)
-    bpe: str = ""  # or a byte-level BPE folder: vocab.json + merges.txt, the official EVE's tokenizer format
     out_dir: str = ""  # checkpoints, metrics.jsonl, results.json (default: runs/finetune_<task>)
     epochs: float = 0.0  # passes over the training data; 0 = the task's shapes-world default (DEFAULT_EPOCHS)
     max_steps: int = 0  # optimizer steps; 0 = epochs x steps per epoch
     batch_size: int = 32  # per process and micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 5e-4  # peak learning rate
-    min_lr_ratio: float = 0.01  # final LR as a share of the peak
+    head_lr_mult: float = 1.0  # the task's new head learns at head_lr_mult x lr (official EVE: 5-10)
     warmup_steps: int = -1  # linear warm-up; -1 = a tenth of all steps
-    weight_decay: float = 0.05  # AdamW decay on matrices only
-    grad_clip: float = 1.0  # max gradient norm; 0 = off
     k_test: int = 16  # retrieval: ITM re-ranks each query's top k_test ITC candidates (ALBEF: 128/256); 0 = ITC only
     rank: str = "itc+itm"  # retrieval: candidates ranked by itc | itm (ALBEF) | itc+itm (ITC logit + ITM log-odds)
-    dtype: str = "auto"  # auto (bf16 on GPU) | fp32 | bf16
-    compile: bool = False  # torch.compile the model
-    num_workers: int = 2  # data loader processes
     seed: int = 0  # data order and new-head init
-    log_every: int = 10  # steps between metrics.jsonl records
     save_every: int = 0  # steps between resume checkpoints; 0 = at the end of every epoch
     keep_last: int = 2  # resume checkpoints kept
-    resume: str = ""  # auto | path of a checkpoint of this fine-tuning run
-    skip_bad: bool = False  # skip and count bad rows/images instead of stopping
+    resume: str = ""  # auto | path of a checkpoint of this fine-tuning run (a torchrun restart continues by itself)
 
 
 # what each task trains, on which data, and its val metric: inference.TASKS
@@ -225,8 +221,7 @@ def main(argv=None):
 
 
 def run(fc, overrides, rank, world, device):
-    resume_path = training.find_checkpoint(fc.resume, fc.out_dir)
-    resume = training.load_checkpoint(resume_path) if resume_path else None
+    resume_path, resume = training.load_resume(fc.resume, fc.out_dir, verbose=rank == 0)
     if resume:  # the run's model, vocabulary and answers are the checkpoint's
         if resume.get("finetune_config", {}).get("task") != fc.task:
             raise SystemExit(f"error: {resume_path} is not a checkpoint of a --task {fc.task} fine-tuning run")
@@ -254,8 +249,9 @@ def run(fc, overrides, rank, world, device):
         load_init(model, init, fc.init, verbose=rank == 0)
     objective = task.objective
     model.freeze_unused_heads(objective)
-    opt, sched = training.make_optimizer(model, fc)
-    step = training.restore(resume, resume_path, model, opt, sched, rank, world) if resume else 0
+    opt, sched = training.make_optimizer(model, fc, heads=TASK_HEADS[objective], head_lr_mult=fc.head_lr_mult)
+    progress = training.restore(resume, resume_path, model, opt, sched, rank, world) if resume else {}
+    step = progress.get("step", 0)
     out_dir, key = Path(fc.out_dir), task.metric
     best_path = out_dir / "best.pt"
     best = {"metric": -math.inf, "step": 0, "val": None}  # the val score of best.pt
@@ -296,7 +292,7 @@ def run(fc, overrides, rank, world, device):
     index = {a: i for i, a in enumerate(answers or [])}
     prepare = (lambda b: {**b, "vqa_targets": vqa_targets(b["answers"], index).to(device)}) if answers else None
     t0 = time.time()
-    step = training.fit(model, loader, opt, sched, fc, objective, device, rank, world, step, prepare=prepare,
+    step = training.fit(model, loader, opt, sched, fc, objective, device, rank, world, progress, prepare=prepare,
                         after_step=after_step, extra_state=state, desc=f"finetune {fc.task}")
     if rank != 0 or step < max_steps:  # stopped by a signal: no test yet
         return None

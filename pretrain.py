@@ -17,51 +17,40 @@ k-times larger batch exactly (up to the per-batch loss means); ITC's negatives a
 micro-batch, so for itc_itm accumulation is an approximation.
 """
 import argparse
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+# Transparent huge pages for CPU tensors of 2 MB or more (0 opts out): see bench.py. Set before the
+# imports below, because PyTorch reads it at its first CPU allocation and importing data.py makes one.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-import data
-import training
-from masking import mask_text, patchify, unpatchify
-from model import EVE, EVEConfig, make_config
-from shapes import shapes_world
-from tokenization import load_tokenizer
+from PIL import Image, ImageDraw  # noqa: E402
+
+import data  # noqa: E402
+import training  # noqa: E402
+from masking import mask_text, patchify, unpatchify  # noqa: E402
+from model import EVE, EVEConfig, make_config  # noqa: E402
+from shapes import shapes_world  # noqa: E402
+from tokenization import load_tokenizer  # noqa: E402
 
 
 @dataclass
-class TrainConfig:
-    preset: str = "tiny"  # model preset: tiny | small | base | large
+class TrainConfig(training.TrainingConfig):
+    """pretrain.py's options: the shared ones (training.TrainingConfig), its own, and its defaults."""
     objective: str = "msm"  # msm | itc_itm | msm+itc_itm | itc_itm+mlm
-    data_dir: str = "data/shapes"  # shapes world folder, generated when absent
     train_json: str = ""  # your own pre-training JSON (else the shapes world's)
-    image_root: str = ""  # folder the JSON's image paths are relative to (default: the JSON's folder)
-    vocab: str = ""  # BERT-style vocab.txt (default: the shapes world's)
-    bpe: str = ""  # or a byte-level BPE folder: vocab.json + merges.txt, the official EVE's tokenizer format
     out_dir: str = "runs/pretrain"  # checkpoints, metrics.jsonl and pictures
-    max_steps: int = 600  # optimizer steps
+    max_steps: int = 600  # optimizer steps; the LR schedule spans them, also under --max-seconds
+    max_seconds: float = 0.0  # wall-clock budget: stop at the first step past it, save, report (0 = off); set --max-steps large
     batch_size: int = 64  # per process and micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate
-    min_lr_ratio: float = 0.01  # final LR as a share of the peak
     warmup_steps: int = 50  # linear warm-up
-    weight_decay: float = 0.05  # AdamW decay on matrices only
-    grad_clip: float = 1.0  # max gradient norm; 0 = off
     text_mask_ratio: float = 0.5  # share of real text tokens masked
     bert_replace: bool = False  # BERT's 80/10/10 replacement of masked tokens
     augment: bool = True  # mild crop and left/right-swapping flip
-    dtype: str = "auto"  # auto (bf16 on GPU) | fp32 | bf16
-    compile: bool = False  # torch.compile the model
-    num_workers: int = 2  # data loader processes
-    seed: int = 0  # data order, masks and init
-    log_every: int = 10  # steps between metrics.jsonl records
-    save_every: int = 200  # steps between checkpoints
     picture_every: int = 200  # steps between PNG pictures
-    keep_last: int = 3  # checkpoints kept
-    resume: str = ""  # auto | path of a checkpoint
-    skip_bad: bool = False  # skip and count bad rows/images instead of stopping
 
 
 def build_data(tc, rank, world):
@@ -162,8 +151,7 @@ def main(argv=None):
 
 def run(tc, model_overrides, rank, world, device):
     tokenizer, json_path, image_root = build_data(tc, rank, world)
-    ckpt_path = training.find_checkpoint(tc.resume, tc.out_dir)
-    ckpt = training.load_checkpoint(ckpt_path) if ckpt_path else None
+    ckpt_path, ckpt = training.load_resume(tc.resume, tc.out_dir, verbose=rank == 0)
     if ckpt:  # the run's model is the checkpoint's; flags cannot change it midway
         cfg = EVEConfig(**ckpt["config"])
         if ckpt["vocab"] != tokenizer.state:
@@ -181,7 +169,8 @@ def run(tc, model_overrides, rank, world, device):
     model = EVE(cfg).to(device)
     model.freeze_unused_heads(tc.objective)  # DDP then needs no find_unused_parameters
     opt, sched = training.make_optimizer(model, tc)
-    step = training.restore(ckpt, ckpt_path, model, opt, sched, rank, world) if ckpt else 0
+    progress = training.restore(ckpt, ckpt_path, model, opt, sched, rank, world) if ckpt else {}
+    step = progress.get("step", 0)
     if rank == 0:
         print(cfg)
         print(f"{len(dataset)} pairs, {len(loader) // tc.grad_accum} steps per epoch, objective {tc.objective}, "
@@ -197,10 +186,10 @@ def run(tc, model_overrides, rank, world, device):
                 save_expert_usage(out_dir / f"experts_{step:07d}.png", out["moe_load"])
 
     t0 = time.time()
-    step = training.fit(model, loader, opt, sched, tc, tc.objective, device, rank, world, step,
+    step = training.fit(model, loader, opt, sched, tc, tc.objective, device, rank, world, progress,
                         prepare=lambda b: masked_text_batch(b, tokenizer, tc), after_step=pictures,
                         extra_state=lambda: dict(config=asdict(cfg), train_config=asdict(tc), vocab=tokenizer.state),
-                        desc="pretrain")
+                        desc="pretrain", max_seconds=tc.max_seconds)
     if rank == 0 and step >= tc.max_steps:
         print(f"done: {step} steps in {time.time() - t0:.0f}s; checkpoint {out_dir / 'last.pt'}, log {out_dir / 'metrics.jsonl'}")
     return model

@@ -1,6 +1,7 @@
 """Training plumbing shared by pretrain.py and finetune.py: command-line flags from
 dataclasses, DDP set-up, the optimizer and LR schedule, atomic checkpoints, the metrics
-log and clean stops on SIGINT/SIGTERM. Written once here, imported by both scripts."""
+log, clean stops on SIGINT/SIGTERM, a full disk and a wall-clock budget. Written once here, imported by
+both scripts (and by bench.py for the optimizer)."""
 import argparse
 import dataclasses
 import inspect
@@ -14,13 +15,9 @@ import signal
 import sys
 import time
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-
-# Transparent huge pages for CPU tensors of 2 MB or more (Linux; PyTorch reads this at its first
-# large allocation; 0 opts out). Every step allocates its gradients afresh, and faulting them in
-# 4 KB pages slowed the MoE layers' backward (compare THP_MEM_ALLOC_ENABLE=0 python bench.py).
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import numpy as np
 import torch
@@ -35,9 +32,13 @@ import data
 # ---- flags: one list of options, the dataclass fields ------------------------------------
 
 def field_comments(cls):
-    """The inline comment of each dataclass field (`name: type = value  # comment`), as help text."""
-    src = inspect.getsource(cls)
-    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, flags=re.M))
+    """The inline comment of each dataclass field (`name: type = value  # comment`), as help text; a
+    subclass's comment of a field it restates wins over its base's."""
+    helps = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            helps.update(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(klass), flags=re.M))
+    return helps
 
 
 def add_dataclass_args(parser, cls, defaults=True, title=None):
@@ -60,6 +61,36 @@ def pick_fields(args, cls, skip_none=False):
     return {k: v for k, v in values.items() if not (skip_none and v is None)}
 
 
+@dataclass
+class TrainingConfig:
+    """The options of both training scripts. pretrain.TrainConfig and finetune.FinetuneConfig extend it with
+    their own and restate the fields whose default differs (a restated field keeps its place here)."""
+    preset: str = "tiny"  # model preset: tiny | small | base | large
+    data_dir: str = "data/shapes"  # shapes world folder, generated when absent
+    train_json: str = ""  # your own training JSON (else the shapes world's)
+    image_root: str = ""  # folder the JSON's image paths are relative to (default: the JSON's folder)
+    vocab: str = ""  # BERT-style vocab.txt (default: the shapes world's)
+    bpe: str = ""  # or a byte-level BPE folder: vocab.json + merges.txt, the official EVE's tokenizer format
+    out_dir: str = ""  # checkpoints and metrics.jsonl
+    max_steps: int = 0  # optimizer steps
+    batch_size: int = 32  # per process and micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 5e-4  # peak learning rate
+    min_lr_ratio: float = 0.01  # final LR as a share of the peak
+    warmup_steps: int = 0  # linear warm-up
+    weight_decay: float = 0.05  # AdamW decay on matrices only
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    dtype: str = "auto"  # auto (bf16 on GPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model
+    num_workers: int = 2  # data loader processes
+    seed: int = 0  # data order, masks and init
+    log_every: int = 10  # steps between metrics.jsonl records
+    save_every: int = 200  # steps between checkpoints
+    keep_last: int = 3  # checkpoints kept
+    resume: str = ""  # auto | path of a checkpoint (a torchrun restart continues from last.pt by itself)
+    skip_bad: bool = False  # skip and count bad rows/images instead of stopping
+
+
 # ---- devices and DDP -------------------------------------------------------------------
 
 def setup_distributed(seed):
@@ -75,7 +106,13 @@ def setup_distributed(seed):
     else:
         device = torch.device("cpu")
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend, restart = "nccl" if device.type == "cuda" else "gloo", restarted_by_torchrun()
+        if restart:  # torchrun's store still holds the lost group's addresses (Gloo then connects to dead
+            # ports): the restarted group keeps its keys apart
+            store, _, _ = next(dist.rendezvous("env://"))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"restart_{restart}", store), rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend)
     seed_everything(seed + rank)  # different masks and dropout per rank, reproducible per run
     return rank, world, local_rank, device
 
@@ -111,17 +148,39 @@ def autocast(device, dtype):
 
 # ---- optimisation ------------------------------------------------------------------------
 
-def param_groups(model, weight_decay):
-    """AdamW groups: weight decay on matrices (linear, conv, expert weights) only; none on
-    norms, biases, embeddings, position tables, [CLS]/mask tokens or the temperature."""
-    decay, no_decay = [], []
+def decays(module, p):
+    """Whether AdamW decays parameter p of `module`. By rank, as nanoGPT chooses, so that a new layer kind
+    needs no list of names: the weights are the module's own tensors of the highest rank, 2 or more (linear
+    and conv weights, the experts' stacked (E, D, H) weights); tensors of lower rank beside them are biases
+    (also the experts' stacked (E, H) biases), and vectors and scalars (norms, layer scales, the ITC
+    temperature) never decay. Lookup tables do not decay either, as in MAE and BEiT: nn.Embedding weights
+    and the learned tokens and position tables added to every sample, shaped (1, N, D)."""
+    top = max(q.ndim for q in module.parameters(recurse=False))
+    if p.ndim < 2 or p.ndim < top or isinstance(module, nn.Embedding):
+        return False
+    is_table = p.ndim >= 3 and p.shape[0] == 1 and not isinstance(module, nn.modules.conv._ConvNd)
+    return not is_table
+
+
+def param_groups(model, weight_decay, lr, heads=(), head_lr_mult=1.0):
+    """AdamW groups: decay (see decays) or not, each at lr; with head_lr_mult != 1 the parameters of the
+    model attributes named in `heads` (new task heads) get groups of their own at lr * head_lr_mult."""
+    head_ids = set()
+    if head_lr_mult != 1.0:
+        for name in heads:
+            part = getattr(model, name, None)
+            params = part.parameters() if isinstance(part, nn.Module) else [part] if part is not None else []
+            head_ids |= {id(p) for p in params}
+    groups = {}  # (decay?, head?) -> parameters, in model order
     for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            is_matrix = name in ("weight", "w1", "w2") and p.ndim >= 2 and not isinstance(module, nn.Embedding)
-            (decay if is_matrix else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                groups.setdefault((decays(module, p), id(p) in head_ids), []).append(p)
+    # the two backbone groups always come first, so resuming finds the groups it saved
+    return [{"params": groups.get((decay, head), []), "weight_decay": weight_decay if decay else 0.0,
+             "lr": lr * (head_lr_mult if head else 1.0)}
+            for decay, head in ((True, False), (False, False), (True, True), (False, True))
+            if not head or groups.get((decay, head))]
 
 
 def warmup_cosine(warmup_steps, total_steps, min_ratio=0.01):
@@ -151,9 +210,10 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def all_rng_states():
-    """Every rank's RNG state (a list indexed by rank), so a resumed DDP run continues each rank exactly."""
-    state = rng_state()
+def all_rng_states(state=None):
+    """Every rank's RNG state (a list indexed by rank), so a resumed DDP run continues each rank exactly.
+    state: this rank's (default: the current one)."""
+    state = state or rng_state()
     if not dist.is_initialized():
         return [state]
     states = [None] * dist.get_world_size()
@@ -161,24 +221,62 @@ def all_rng_states():
     return states
 
 
-def atomic_save(state, path):
-    """torch.save to a temporary file, then rename: a kill never leaves a half-written file at path."""
+def atomic_save(state, path, intact=""):
+    """torch.save to a temporary file, then rename: a kill never leaves a half-written file at path.
+    A failed write (a full disk, a file-size limit) removes the temporary file and stops the run with one
+    line naming the file, the cause and `intact` (what is still good)."""
     tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        cause = write_failure_cause(tmp, e)
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"error: cannot write {path}: {cause}" + (f"; {intact}" if intact else "")) from None
+
+
+def write_failure_cause(path, error):
+    """Why writing `path` failed, in the operating system's words. torch.save reports a failed write only
+    as "unexpected pos ...", so one more write to the same file asks the system for the reason."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            for _ in range(16):  # a short write is not an error; the next one is (ENOSPC, EFBIG)
+                os.write(fd, bytes(1 << 16))
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return e.strerror or str(e)
+    return str(error).strip().splitlines()[-1]  # the disk took more: not a lack of space
+
+
+def last_good(out_dir):
+    """Which checkpoint last.pt is (it is a second name of the newest ckpt_*.pt), for error messages."""
+    last = Path(out_dir) / "last.pt"
+    if not last.exists():
+        return "no checkpoint of this run has been written yet"
+    same = [p.name for p in sorted(Path(out_dir).glob("ckpt_*.pt")) if os.path.samefile(p, last)]
+    return f"the last good checkpoint is still {last}" + (f" (= {same[0]})" if same else "")
 
 
 def save_checkpoint(out_dir, step, state, keep_last=3):
     """Write ckpt_<step>.pt atomically (temporary file, then rename), point last.pt at it, keep
-    the newest keep_last. A kill at any moment leaves the previous checkpoints intact."""
+    the newest keep_last. A kill at any moment leaves the previous checkpoints intact; a full disk
+    stops the run with a line saying which checkpoint is still the last good one."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"ckpt_{step:07d}.pt"
-    atomic_save(state, path)
+    atomic_save(state, path, intact=last_good(out_dir))
     link_tmp = out_dir / "last.pt.tmp"
-    link_tmp.unlink(missing_ok=True)
-    os.link(path, link_tmp)  # a second name for the same file: no second write
-    os.replace(link_tmp, out_dir / "last.pt")
+    try:
+        link_tmp.unlink(missing_ok=True)
+        os.link(path, link_tmp)  # a second name for the same file: no second write
+        os.replace(link_tmp, out_dir / "last.pt")
+    except OSError as e:
+        raise SystemExit(f"error: cannot point {out_dir / 'last.pt'} at {path}: {e.strerror}; "
+                         f"{path} itself is complete") from None
     for old in sorted(out_dir.glob("ckpt_*.pt"))[:-keep_last]:
         old.unlink()
     return path
@@ -202,6 +300,42 @@ def load_checkpoint(path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated or not a checkpoint at all
         raise SystemExit(f"error: cannot read checkpoint {path}: {e}") from None
+
+
+def restarted_by_torchrun():
+    """How many times torchrun (--max-restarts) has restarted this worker group after a lost rank."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def load_resume(resume, out_dir, verbose=True):
+    """The checkpoint a run continues from: (path, checkpoint), or (None, None) to start afresh.
+
+    --resume PATH: that file, which must be readable. --resume auto: last.pt of out_dir, or when it
+    cannot be read (a warning names it) the newest readable ckpt_*.pt beside it. A group that torchrun
+    restarted after losing a rank continues from its own out_dir whatever --resume says, so a lost
+    rank costs at most one --save-every interval.
+    """
+    out_dir = Path(out_dir)
+    if restarted_by_torchrun() and (out_dir / "last.pt").exists() and resume != "auto":
+        if verbose:
+            print(f"torchrun restart {restarted_by_torchrun()}: continuing from {out_dir} (as --resume auto)")
+        resume = "auto"
+    if resume != "auto":
+        path = find_checkpoint(resume, out_dir)
+        return (path, load_checkpoint(path)) if path else (None, None)
+    candidates = [out_dir / "last.pt"] + sorted(out_dir.glob("ckpt_*.pt"), reverse=True)
+    candidates = [p for p in candidates if p.exists()]
+    for path in candidates:
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # truncated by a crash or a full disk, or not a checkpoint
+            if verbose:
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"warning: cannot read checkpoint {path} ({reason}); trying an older one", file=sys.stderr)
+    if candidates:  # starting afresh would overwrite the run's checkpoints
+        raise SystemExit(f"error: --resume auto: no readable checkpoint in {out_dir} "
+                         f"({', '.join(p.name for p in candidates)} cannot be read)")
+    return None, None
 
 
 def load_model_state(model, state_dict, source, strict=True):
@@ -242,12 +376,21 @@ def to_jsonable(x):
     raise TypeError(f"cannot log {type(x)}")
 
 
-class StopSignal:
-    """Turns SIGINT/SIGTERM into a flag that the training loop checks after each step,
-    so the run saves a checkpoint and exits cleanly instead of dying mid-write."""
+class StopRequested(BaseException):
+    """A signal that arrived inside StopSignal.interruptible(): the loop leaves what it was waiting for.
+    (A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it.)"""
 
-    def __init__(self):
-        self.signum = None
+
+class StopSignal:
+    """Turns SIGINT/SIGTERM into a flag that the training loop checks before every micro-batch and
+    after every step, so the run saves a checkpoint and exits cleanly instead of dying mid-write.
+
+    Inside interruptible() (waiting for a batch, evaluating) a single process stops at once: the
+    handler raises StopRequested. Several processes only stop where all of them check the flag together
+    (DDP's collectives would wait for ever on a rank that left), i.e. at the next micro-batch or step."""
+
+    def __init__(self, can_interrupt=True):
+        self.signum, self.can_interrupt, self.inside = None, can_interrupt, False
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def restore(self):
@@ -257,14 +400,31 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         self.signum = signum
+        if self.inside:
+            self.inside = False  # raise once; the stop path then saves undisturbed
+            raise StopRequested
 
-    def requested(self):
-        """True on every rank if any rank was signalled (torchrun forwards signals to all)."""
-        flag = torch.tensor([self.signum is not None], dtype=torch.float)
-        if dist.is_initialized():
-            flag = flag.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(flag)
-        return bool(flag.item())
+    @contextmanager
+    def interruptible(self):
+        if not self.can_interrupt:
+            yield
+            return
+        if self.signum is not None:
+            raise StopRequested
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+
+
+def any_rank(*flags):
+    """Each flag OR-ed over all ranks (one small all_reduce), so that every rank takes the same branch."""
+    t = torch.tensor([float(f) for f in flags])
+    if dist.is_initialized():
+        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+    return [bool(v) for v in t.tolist()]
 
 
 class Throughput:
@@ -285,114 +445,175 @@ class Throughput:
 
 # ---- the training loop of both scripts ---------------------------------------------------
 
-def adamw(model, lr, weight_decay):
+def adamw(model, lr, weight_decay, heads=(), head_lr_mult=1.0):
     """AdamW with one fused kernel per tensor: on CPU the for-loop update of a base model (464M
     parameters) took about half of an MSM step at batch 4 (torch.profiler), the fused one 6% at batch 8."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95), fused=True)
+    groups = param_groups(model, weight_decay, lr, heads, head_lr_mult)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
 
 
-def make_optimizer(model, tc):
-    """AdamW (decay on matrices only) and a warm-up + cosine LR schedule over tc.max_steps."""
-    opt = adamw(model, tc.lr, tc.weight_decay)
+def make_optimizer(model, tc, heads=(), head_lr_mult=1.0):
+    """AdamW (decay on matrices only; the `heads` at head_lr_mult times the LR) and a warm-up + cosine
+    LR schedule over tc.max_steps, which scales every group's own LR alike."""
+    opt = adamw(model, tc.lr, tc.weight_decay, heads, head_lr_mult)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
     return opt, sched
 
 
 def restore(ckpt, source, model, opt, sched, rank, world):
-    """Continue a run from its checkpoint: weights, optimizer, schedule and this rank's RNG. Returns the step."""
+    """Continue a run from its checkpoint: weights, optimizer, schedule and this rank's RNG. Returns the
+    progress fit() continues from: the step, and where the data and the clock stood (older checkpoints
+    hold only the step)."""
     load_model_state(model, ckpt["model"], source)
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     states = ckpt["rng"]
     set_rng_state(states[rank] if len(states) == world else states[0])
-    return ckpt["step"]
+    return {k: ckpt[k] for k in ("step", "epoch", "micro", "seconds") if k in ckpt}
 
 
-def fit(model, loader, opt, sched, tc, task, device, rank, world, step=0, prepare=None, after_step=None,
-        extra_state=None, desc="train"):
-    """Train `model` on `task` until tc.max_steps.
+def average_gradients(model):
+    """DDP averages the gradients in the backward of a step's last micro-batch; when --skip-bad left that
+    micro-batch out, the step's gradients are averaged here instead."""
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
 
-    prepare(batch) -> batch adds task inputs (masked text, answer targets); after_step(step,
-    batch, out) runs on every rank after each optimizer step (pictures, evaluation);
-    extra_state() -> dict goes into every checkpoint (config, vocabulary, ...). The data order
-    of epoch e is a function of (seed, e) and a resumed run skips the micro-batches already
-    done, so resuming repeats an uninterrupted run exactly. Returns the last step.
+
+def fit(model, loader, opt, sched, tc, task, device, rank, world, progress=None, prepare=None, after_step=None,
+        extra_state=None, desc="train", max_seconds=0.0):
+    """Train `model` on `task` until tc.max_steps, or until the first step past max_seconds (if > 0) of
+    training, counted from the start of training and across resumes.
+
+    progress: what restore() returned, when resuming. prepare(batch) -> batch adds task inputs (masked
+    text, answer targets); after_step(step, batch, out) runs on every rank after each optimizer step
+    (pictures, evaluation); extra_state() -> dict goes into every checkpoint (config, vocabulary, ...).
+    The data order of epoch e is a function of (seed, e) and a checkpoint records where in it the run
+    stood, so resuming repeats an uninterrupted run exactly. With --skip-bad, grad_accum micro-batches
+    whose items were all skipped are not a step; an epoch with no usable item at all is an error.
+    Returns the last step.
     """
+    progress = progress or {}
+    step = progress.get("step", 0)
     steps_per_epoch = len(loader) // tc.grad_accum
+    micros_per_epoch = steps_per_epoch * tc.grad_accum  # no tail shorter than grad_accum
+    # where the next step's micro-batches start (checkpoints without it had one step per grad_accum of them)
+    epoch = progress.get("epoch", step // steps_per_epoch)
+    position = progress.get("micro", (step % steps_per_epoch) * tc.grad_accum)
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if tc.compile:
         train_model = torch.compile(train_model)
     out_dir = Path(tc.out_dir)
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=rank == 0)
-    stop, speed = StopSignal(), Throughput()
+    stop, speed = StopSignal(can_interrupt=world == 1), Throughput()
     bar = tqdm(total=tc.max_steps, initial=step, disable=rank != 0, desc=desc, dynamic_ncols=True)
+    t0, seconds_before = time.perf_counter(), progress.get("seconds", 0.0)
+    now = seconds_before  # seconds of training at the last step
+    boundary_rng, saved = rng_state(), step  # this rank's RNG when the last step ended; the step last saved
+
+    def elapsed():
+        return seconds_before + time.perf_counter() - t0
 
     def checkpoint():
-        states = all_rng_states()  # every rank takes part in the gather
+        nonlocal saved
+        states = all_rng_states(boundary_rng)  # every rank takes part in the gather
         if rank == 0:
             save_checkpoint(out_dir, step, dict(model=model.state_dict(), optimizer=opt.state_dict(),
-                                                scheduler=sched.state_dict(), step=step, rng=states,
-                                                **(extra_state() if extra_state else {})), tc.keep_last)
+                                                scheduler=sched.state_dict(), step=step, epoch=epoch, micro=position,
+                                                seconds=elapsed(), rng=states, **(extra_state() if extra_state else {})),
+                            tc.keep_last)
+        saved = step
 
+    stopped = None  # why the run ended early: "signal" or "max_seconds"
     model.train()
-    while step < tc.max_steps:
-        epoch = step // steps_per_epoch
-        data.loader_set_epoch(loader, epoch)
-        skip = (step % steps_per_epoch) * tc.grad_accum  # micro-batches this epoch has already done
-        batches = itertools.islice(loader, skip, steps_per_epoch * tc.grad_accum)  # no tail shorter than grad_accum
-        skipped = Counter()
-        for micro, batch in enumerate(batches, start=skip):
-            skipped.update(batch.pop("skipped", {}))
-            if "text_ids" not in batch:  # every item of this batch was a skipped bad one
-                continue
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            batch = prepare(batch) if prepare else batch
-            last_micro = (micro + 1) % tc.grad_accum == 0
-            # DDP all-reduces gradients only on the last micro-batch of a step
-            with train_model.no_sync() if world > 1 and not last_micro else nullcontext():
-                with autocast(device, tc.dtype):
-                    out = train_model(batch, task)
-                (out["loss"] / tc.grad_accum).backward()
-            speed.add(len(batch["text_ids"]) * world)
-            if not last_micro:
-                continue
-            if not torch.isfinite(out["loss"]):
-                raise SystemExit(f"error: loss is {out['loss'].item()} at step {step}; stopping. The last good "
-                                 f"checkpoint is {out_dir / 'last.pt'} (a lower --lr may help).")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            step += 1
-            bar.update(1)
-            if step % tc.log_every == 0 or step == tc.max_steps:
-                parts = {k: round(v.item(), 4) for k, v in out.items() if k.startswith("loss")}
-                rate = speed.rate()
-                bar.set_postfix(loss=f"{parts['loss']:.3f}", sps=f"{rate:.0f}")
-                record = dict(step=step, epoch=epoch, lr=sched.get_last_lr()[0], samples_per_s=rate,
-                              grad_norm=grad_norm.item(), **parts)
-                if "moe_load" in out:  # per MoE layer, assignments per expert for vision and for text
-                    record.update(moe_load_vision=[l[0] for l in out["moe_load"]], moe_load_text=[l[1] for l in out["moe_load"]],
-                                  moe_drop=out["moe_drop"], moe_aux=out["moe_aux"])
-                log.write(**record)
-            if after_step:
-                after_step(step, batch, out)
-            if step % tc.save_every == 0 or step == tc.max_steps:
-                checkpoint()
-            if stop.requested():
-                if step % tc.save_every:
+    try:
+        while step < tc.max_steps and not stopped:
+            this_epoch, start = epoch, position
+            data.loader_set_epoch(loader, this_epoch)
+            batches = itertools.islice(loader, start, micros_per_epoch)  # the micro-batches not done yet
+            skipped, steps_done, used = Counter(), 0, 0  # used: micro-batches trained on in this step so far
+            for micro in range(start, micros_per_epoch):
+                with stop.interruptible():  # a slow or stuck loader
+                    batch = next(batches)
+                skipped.update(batch.pop("skipped", {}))
+                # one check for all ranks: a signal anywhere stops everyone; a micro-batch whose items were all
+                # skipped on any rank is left out on every rank (DDP's all-reduce needs all of them)
+                signalled, empty = any_rank(stop.signum is not None, "text_ids" not in batch)
+                if signalled:
+                    stopped = "signal"
+                    break
+                last_micro = (micro + 1) % tc.grad_accum == 0
+                if not empty:
+                    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    batch = prepare(batch) if prepare else batch
+                    # DDP all-reduces gradients only on the last micro-batch of a step
+                    with train_model.no_sync() if world > 1 and not last_micro else nullcontext():
+                        with autocast(device, tc.dtype):
+                            out = train_model(batch, task)
+                        (out["loss"] / tc.grad_accum).backward()
+                    used, trained = used + 1, batch
+                    speed.add(len(batch["text_ids"]) * world)
+                if not last_micro:
+                    continue
+                epoch, position = (this_epoch, micro + 1) if micro + 1 < micros_per_epoch else (this_epoch + 1, 0)
+                if not used:  # every item of this step's micro-batches was skipped: not a step, move on
+                    continue
+                if not torch.isfinite(out["loss"]):
+                    raise SystemExit(f"error: loss is {out['loss'].item()} at step {step}; stopping. The last good "
+                                     f"checkpoint is {out_dir / 'last.pt'} (a lower --lr may help).")
+                if world > 1 and empty:
+                    average_gradients(model)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+                step, used, steps_done, now = step + 1, 0, steps_done + 1, elapsed()
+                boundary_rng = rng_state()
+                bar.update(1)
+                if step % tc.log_every == 0 or step == tc.max_steps:
+                    parts = {k: round(v.item(), 4) for k, v in out.items() if k.startswith("loss")}
+                    rate = speed.rate()
+                    bar.set_postfix(loss=f"{parts['loss']:.3f}", sps=f"{rate:.0f}")
+                    record = dict(step=step, epoch=this_epoch, lr=sched.get_last_lr()[0], samples_per_s=rate,
+                                  grad_norm=grad_norm.item(), seconds=round(now, 3), **parts)
+                    if "moe_load" in out:  # per MoE layer, assignments per expert for vision and for text
+                        record.update(moe_load_vision=[l[0] for l in out["moe_load"]], moe_load_text=[l[1] for l in out["moe_load"]],
+                                      moe_drop=out["moe_drop"], moe_aux=out["moe_aux"])
+                    log.write(**record)
+                if after_step:
+                    with stop.interruptible():  # an evaluation can take minutes
+                        after_step(step, trained, out)
+                    boundary_rng = rng_state()
+                if step % tc.save_every == 0 or step == tc.max_steps:
                     checkpoint()
-                warn_skips(skipped, loader.dataset, epoch, log)
-                bar.close()
-                stop.restore()
-                if rank == 0:
-                    print(f"\nstopped by signal at step {step}; continue with --resume auto --out-dir {out_dir}")
-                return step
-            if step >= tc.max_steps:
-                break
-        warn_skips(skipped, loader.dataset, epoch, log)
-    bar.close()
-    stop.restore()
+                signalled, over_time = any_rank(stop.signum is not None, 0 < max_seconds <= now)
+                if signalled or over_time:
+                    stopped = "signal" if signalled else "max_seconds"
+                    break
+                if step >= tc.max_steps:
+                    break
+            warn_skips(skipped, loader.dataset, this_epoch, log)
+            if start == 0 and steps_done == 0 and not stopped:  # the next epoch would find nothing either
+                at_read = sum(getattr(loader.dataset, "skipped", Counter()).values())
+                raise SystemExit(f"error: {getattr(loader.dataset, 'json_name', 'the training data')}: no usable item "
+                                 f"in epoch {this_epoch}: the {sum(skipped.values())} items read were all skipped "
+                                 f"({', '.join(f'{k}: {v}' for k, v in skipped.items()) or 'none'}) and {at_read} "
+                                 f"rows were left out when reading; nothing to train on")
+    except StopRequested:  # a single process, signalled while loading data or evaluating
+        stopped = "signal"
+    finally:
+        bar.close()
+        stop.restore()
+    if stopped and saved != step:  # what there is to save: the state after the last step
+        checkpoint()
+    if stopped == "signal" and rank == 0:
+        print(f"\nstopped by signal at step {step}; continue with --resume auto --out-dir {out_dir}")
+    if stopped == "max_seconds":
+        log.write(step=step, seconds=round(now, 3), stopped="max_seconds", max_seconds=max_seconds)
+        if rank == 0:
+            print(f"\nstopped at the time budget: {step} steps in {now:.1f}s of training (--max-seconds "
+                  f"{max_seconds:g}); checkpoint {out_dir / 'last.pt'}")
     return step
 
 

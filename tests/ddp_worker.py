@@ -10,5 +10,7 @@ import pretrain  # noqa: E402
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"pid{os.environ['RANK']}").write_text(str(os.getpid()))  # for tests that kill one rank
     model = pretrain.main(sys.argv[2:])
     torch.save(model.state_dict(), out / f"rank{os.environ['RANK']}.pt")
