@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from masking import block_masking, patchify, random_masking
-from moe import MoE
+from moe import ACTIVATIONS, MoE
 
 VISION, TEXT = 0, 1  # modality ids
 # The training objectives ("parts") and the heads each uses beyond the encoder (EVE attribute names). Part p's
@@ -59,13 +59,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim, hidden, dropout=0.0):
+    def __init__(self, dim, hidden, dropout=0.0, act="gelu"):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.act = ACTIVATIONS[act]  # gelu | quick_gelu (official EVE)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+        return self.dropout(self.fc2(self.act(self.fc1(x))))
 
 
 class DenseFFN(MLP):
@@ -76,18 +77,21 @@ class DenseFFN(MLP):
 
 
 class MultiwayFFN(nn.Module):
-    """One FFN per modality; a token only ever reaches its own modality's FFN."""
+    """One FFN per modality; a token only ever reaches its own modality's FFN. With norm_eps, each modality
+    also has its own pre-FFN LayerNorm (official EVE's norm2_imag / norm2_text; the block's norm2 is then off)."""
 
-    def __init__(self, dim, hidden, num_modalities=2, dropout=0.0):
+    def __init__(self, dim, hidden, num_modalities=2, dropout=0.0, act="gelu", norm_eps=None):
         super().__init__()
-        self.ffns = nn.ModuleList(MLP(dim, hidden, dropout) for _ in range(num_modalities))
+        self.ffns = nn.ModuleList(MLP(dim, hidden, dropout, act) for _ in range(num_modalities))
+        self.norms = None if norm_eps is None else nn.ModuleList(nn.LayerNorm(dim, eps=norm_eps) for _ in range(num_modalities))
 
     def forward(self, x, modality):  # x: (n, D), modality: (n,)
         y = None
         for m, ffn in enumerate(self.ffns):
             # an empty slice still runs, so that every parameter gets a (zero) gradient under DDP
             idx = (modality == m).nonzero().squeeze(1)
-            out = ffn(x.index_select(0, idx))  # (n_m, D)
+            xm = x.index_select(0, idx)  # (n_m, D)
+            out = ffn(xm if self.norms is None else self.norms[m](xm))  # (n_m, D)
             y = out.new_empty(x.shape[0], out.shape[1]) if y is None else y  # the FFN's dtype (bf16 under autocast)
             y.index_copy_(0, idx, out)  # in place: every row is written by exactly one modality
         return y.to(x.dtype), None
@@ -99,15 +103,21 @@ class Block(nn.Module):
     def __init__(self, cfg, dim, heads, ffn, drop_path_rate=0.0):
         super().__init__()
         hidden = int(dim * cfg.mlp_ratio)
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=cfg.ln_eps), nn.LayerNorm(dim, eps=cfg.ln_eps)
         self.attn = Attention(dim, heads)
         if ffn == "moe":
             self.ffn = MoE(dim, hidden, cfg.num_experts, cfg.top_k, modality_routing=cfg.modality_routing,
-                           capacity_factor=cfg.capacity_factor, router_jitter=cfg.router_jitter, dropout=cfg.dropout)
+                           capacity_factor=cfg.capacity_factor, router_jitter=cfg.router_jitter, dropout=cfg.dropout,
+                           act=cfg.act, embed_to_experts=cfg.moe_embed_to_experts, min_capacity=cfg.min_capacity,
+                           renorm_kept=cfg.moe_renorm_kept, sample_second=cfg.moe_second == "gumbel",
+                           aux_first_only=cfg.moe_aux == "official")
         elif ffn == "multiway":
-            self.ffn = MultiwayFFN(dim, hidden, dropout=cfg.dropout)
+            self.ffn = MultiwayFFN(dim, hidden, dropout=cfg.dropout, act=cfg.act,
+                                   norm_eps=cfg.ln_eps if cfg.multiway_norms else None)
+            if cfg.multiway_norms:
+                self.norm2 = nn.Identity()  # each modality's own norm sits in the FFN
         elif ffn == "dense":
-            self.ffn = DenseFFN(dim, hidden, cfg.dropout)
+            self.ffn = DenseFFN(dim, hidden, cfg.dropout, cfg.act)
         else:
             raise ValueError(f"unknown FFN kind {ffn!r}: use multiway, moe or dense")
         use_ls = cfg.layerscale_init > 0
@@ -147,12 +157,23 @@ class EVEConfig:
     num_experts: int = 8  # experts per MoE layer
     top_k: int = 2  # experts per token
     modality_routing: bool = True  # the router is told each token's modality
-    capacity_factor: float = 0.0  # expert capacity as a multiple of the fair share; 0 = dropless
+    capacity_factor: float = 0.0  # expert capacity as a multiple of the fair share, training and evaluation; 0 = dropless
+    min_capacity: int = 0  # with capacity_factor > 0, each expert keeps at least this many assignments (official: 4)
+    moe_renorm_kept: bool = False  # renormalise a token's top-k weights over its assignments that capacity kept (official)
+    moe_second: str = "top"  # experts after the first, in training: top (deterministic) | gumbel (official: Gumbel-max sampled)
+    moe_embed_to_experts: bool = False  # the experts get x + modality embedding, the router's input (official); False: x
     router_jitter: float = 0.0  # multiplicative router-input noise, training only
+    moe_aux: str = "topk"  # load-balancing loss: topk (every choice counted, summed over MoE layers) | official (E * sum of
+    # mean prob x first-choice share, averaged over MoE layers)
     moe_aux_weight: float = 0.001  # load-balancing loss weight (official EVE value)
     moe_z_weight: float = 0.0  # router z-loss weight
     layerscale_init: float = 0.0  # LayerScale initial value; 0 = off
+    act: str = "gelu"  # FFN and expert activation: gelu | quick_gelu (x * sigmoid(1.702 x), official)
+    ln_eps: float = 1e-5  # epsilon of the encoder's LayerNorms (official: 1e-6)
+    multiway_norms: bool = False  # multiway layers: a pre-FFN LayerNorm per modality (official); False: one shared
     image_embed_norm: bool = True  # the embedding LayerNorm normalises image tokens too (official); False = text only
+    word_embed_norm: bool = False  # a LayerNorm of the word embeddings before position and type are added (official)
+    text_embed_dropout: float = 0.0  # dropout on the word embeddings (official: 0.1)
     drop_path: float = 0.0  # stochastic depth rate of the last layer (linear from 0)
     dropout: float = 0.0  # dropout after each FFN
     decoder_dim: int = 128  # pixel decoder width
@@ -163,6 +184,8 @@ class EVEConfig:
     norm_pix_loss: bool = False  # per-patch normalised pixel target (MAE)
     mlm_weight: float = 1.0  # weight of the masked-text loss
     itc_dim: int = 128  # ITC projection width
+    itc_bias: bool = True  # biases in the ITC projections (official: none)
+    itm_pooler: bool = True  # ITM head on a tanh pooler of the text [CLS] (ALBEF); False: on the [CLS] itself (official)
     itc_temp: float = 0.07  # initial ITC temperature (learned, kept in [0.001, 0.5]); ALBEF/CLIP start at 0.07
     num_answers: int = 0  # VQA classifier outputs; 0 = no VQA head
     nlvr2_head: bool = False  # add the NLVR2 pair classifier
@@ -194,16 +217,23 @@ class EVEConfig:
         return f"{self!r}\nparameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M activated per token"
 
 
+# official EVE's architecture (github ssyze/EVE: multiway_transformer.py, sharded_moe.py, the task models, the
+# configs), used by the base and large presets; the README's "How this differs" table lists each with the default
+OFFICIAL = dict(capacity_factor=1.0, min_capacity=4, moe_renorm_kept=True, moe_second="gumbel", moe_embed_to_experts=True,
+                moe_aux="official", layerscale_init=0.1, drop_path=0.1, act="quick_gelu", ln_eps=1e-6, multiway_norms=True,
+                word_embed_norm=True, text_embed_dropout=0.1, itc_bias=False, itm_pooler=False)
+
 PRESETS = {
     # from scratch at 64 px, ITC starting at 0.07 stayed at ln(batch) for 60 retrieval steps (the image
     # features collapse); starting at 0.3 it learned (python finetune.py --task retrieval --max-steps 60 --itc-temp T)
     "tiny": EVEConfig(itc_temp=0.3),
     "small": EVEConfig(image_size=128, patch_size=16, dim=384, depth=8, heads=6, num_experts=16,
                        decoder_dim=256, decoder_depth=2, decoder_heads=8, itc_dim=256, max_text_len=40),
+    # the official ITC projections keep the width (itc_proj_dim defaults to hidden_size; the configs' embed_dim is unused)
     "base": EVEConfig(image_size=224, patch_size=16, dim=768, depth=12, heads=12, num_experts=32, top_layers=2,
-                      decoder_dim=512, decoder_depth=4, decoder_heads=16, itc_dim=256, max_text_len=40),
+                      decoder_dim=512, decoder_depth=4, decoder_heads=16, itc_dim=768, max_text_len=40, **OFFICIAL),
     "large": EVEConfig(image_size=224, patch_size=16, dim=1024, depth=24, heads=16, num_experts=32, top_layers=3,
-                       decoder_dim=512, decoder_depth=4, decoder_heads=16, itc_dim=256, max_text_len=40),
+                       decoder_dim=512, decoder_depth=4, decoder_heads=16, itc_dim=1024, max_text_len=40, **OFFICIAL),
 }
 
 
@@ -212,6 +242,17 @@ def make_config(preset="tiny", **overrides):
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     return EVEConfig(**{**asdict(PRESETS[preset]), **overrides})
+
+
+def resize_image_pos(pos, grid):
+    """Image position embeddings [1, 1 + g*g, D] resized to a grid x grid patch grid, bicubic, [CLS] kept: for
+    fine-tuning at another resolution than pre-training (official EVE: VQA at 480 px, retrieval at 384 px)."""
+    old = math.isqrt(pos.shape[1] - 1)
+    if old == grid:
+        return pos
+    patches = pos[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+    patches = F.interpolate(patches.float(), size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:, :1], patches.permute(0, 2, 3, 1).flatten(1, 2).to(pos.dtype)], dim=1)  # (1, 1 + grid^2, D)
 
 
 def gather_with_grad(t):
@@ -282,19 +323,22 @@ class EVE(nn.Module):
         self.image_pos = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, D))
         self.word_embed = nn.Embedding(cfg.vocab_size, D)
         self.text_pos = nn.Embedding(cfg.max_text_len, D)
-        self.embed_norm = nn.LayerNorm(D)  # over word/patch + position + type embeddings
+        # official EVE normalises the words alone first (then dropout), and all tokens again after position and type
+        self.word_norm = nn.LayerNorm(D, eps=cfg.ln_eps) if cfg.word_embed_norm else nn.Identity()
+        self.word_dropout = nn.Dropout(cfg.text_embed_dropout)
+        self.embed_norm = nn.LayerNorm(D, eps=cfg.ln_eps)  # over word/patch + position + type embeddings
         self.type_embed = nn.Embedding(2, D)
         rates = [cfg.drop_path * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, D, cfg.heads, kind, r) for kind, r in zip(cfg.ffn_kinds(), rates))
-        self.norm = nn.LayerNorm(D)
+        self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
         # heads
         self.mlm_transform = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.LayerNorm(D))
         self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # decoder weight is tied to word_embed
         self.decoder = PixelDecoder(cfg)
-        self.itc_image = nn.Linear(D, cfg.itc_dim)
-        self.itc_text = nn.Linear(D, cfg.itc_dim)
+        self.itc_image = nn.Linear(D, cfg.itc_dim, bias=cfg.itc_bias)
+        self.itc_text = nn.Linear(D, cfg.itc_dim, bias=cfg.itc_bias)
         self.temp = nn.Parameter(torch.tensor(cfg.itc_temp))
-        self.pooler = nn.Sequential(nn.Linear(D, D), nn.Tanh())
+        self.pooler = nn.Sequential(nn.Linear(D, D), nn.Tanh()) if cfg.itm_pooler else nn.Identity()
         self.itm_head = nn.Linear(D, 2)
         if cfg.num_answers:
             self.vqa_head = nn.Sequential(nn.Linear(D, 2 * D), nn.LayerNorm(2 * D), nn.GELU(), nn.Linear(2 * D, cfg.num_answers))
@@ -342,7 +386,8 @@ class EVE(nn.Module):
         if ids.shape[1] > self.cfg.max_text_len:
             raise ValueError(f"text of {ids.shape[1]} tokens exceeds max_text_len={self.cfg.max_text_len}")
         pos = self.text_pos(torch.arange(ids.shape[1], device=ids.device))
-        return self.embed_norm(self.word_embed(ids) + pos + self.type_embed.weight[TEXT])
+        words = self.word_dropout(self.word_norm(self.word_embed(ids)))  # (N, T, D)
+        return self.embed_norm(words + pos + self.type_embed.weight[TEXT])
 
     def encode(self, images=None, text_ids=None, text_mask=None, mask_ratio=0.0):
         """Image only, text only, or image+text as one sequence [CLS_v, visible patches, text].
@@ -520,7 +565,9 @@ class EVE(nn.Module):
         if not stats:
             return {}
         n_layers = len(stats) // passes
-        aux = sum(s["aux_loss"] for s in stats) / passes
+        aux = sum(s["aux_loss"] for s in stats) / passes  # summed over layers (each layer's already official or topk)
+        if self.cfg.moe_aux == "official":
+            aux = aux / n_layers  # official EVE averages over its MoE layers
         z = sum(s["z_loss"] for s in stats) / passes
         load = [sum(s["tokens_per_expert"] for s in stats[i::n_layers]) for i in range(n_layers)]
         return {"loss_moe": self.cfg.moe_aux_weight * aux + self.cfg.moe_z_weight * z,

@@ -24,6 +24,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def quick_gelu(x: Tensor) -> Tensor:
+    """CLIP's sigmoid approximation of GELU, x * sigmoid(1.702 x): official EVE's expert and FFN activation."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+
+
+def activation_backward(act: str, grad: Tensor, pre: Tensor) -> Tensor:
+    """grad * act'(pre), the backward of ACTIVATIONS[act] for ExpertFFN."""
+    if act == "gelu":
+        return torch.ops.aten.gelu_backward(grad, pre)
+    s = torch.sigmoid(1.702 * pre)  # d/dx x*s(ax) = s(ax) + a*x*s(ax)*(1 - s(ax))
+    return grad * (s + 1.702 * pre * s * (1 - s))
+
+
 def load_balancing_loss(router_probs: Tensor, expert_index: Tensor, num_experts: int) -> Tensor:
     """Switch/GShard auxiliary loss: E * sum_e f_e * P_e, 1.0 at uniform routing.
 
@@ -43,23 +59,32 @@ def router_z_loss(router_logits: Tensor) -> Tensor:
 
 
 class MoE(nn.Module):
-    """Top-k routed two-layer GELU experts, stored stacked as one set of parameters.
+    """Top-k routed two-layer experts (GELU or quick GELU), stored stacked as one set of parameters.
 
     capacity_factor <= 0 is dropless; otherwise each expert keeps at most
-    ceil(capacity_factor * N * k / E) assignments, first choices before second
+    max(ceil(capacity_factor * N * k / E), min_capacity) assignments, first choices before second
     choices, then token order, and the overflow is dropped (the caller's
     residual connection carries a token whose assignments are all dropped).
+
+    Official EVE's choices (DeepSpeed's top2gating), each a switch: embed_to_experts (the experts get
+    x + modality embedding, the router's input), renorm_kept (a token's weights renormalised over the
+    assignments capacity kept), sample_second (in training the experts after the first are drawn by
+    Gumbel-max from the logits), aux_first_only (the load-balancing loss counts first choices only).
     """
 
     def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int = 2, num_modalities: int = 2,
                  modality_routing: bool = True, capacity_factor: float = 0.0, router_jitter: float = 0.0,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, act: str = "gelu", embed_to_experts: bool = False, min_capacity: int = 0,
+                 renorm_kept: bool = False, sample_second: bool = False, aux_first_only: bool = False):
         super().__init__()
         assert 1 <= top_k <= num_experts, f"top_k={top_k} must be in [1, num_experts={num_experts}]"
         self.dim, self.hidden, self.num_experts, self.top_k = dim, hidden, num_experts, top_k
         self.num_modalities = num_modalities
-        self.capacity_factor = capacity_factor
+        self.capacity_factor, self.min_capacity = capacity_factor, min_capacity
         self.router_jitter = router_jitter
+        self.act = act
+        self.embed_to_experts, self.renorm_kept = embed_to_experts, renorm_kept
+        self.sample_second, self.aux_first_only = sample_second, aux_first_only
         self.gate = nn.Linear(dim, num_experts, bias=False)
         # added to the router input only; small random init so modalities route apart from step 0
         self.modality_embed = nn.Embedding(num_modalities, dim) if modality_routing else None
@@ -83,19 +108,32 @@ class MoE(nn.Module):
     def expert_forward(self, e: int, x: Tensor) -> Tensor:
         """Expert e alone on x: [n, D] -> [n, D], with plain autograd; the reference for tests and bench.py."""
         w1, b1, w2, b2 = (t[e].to(x.dtype) for t in (self.w1, self.b1, self.w2, self.b2))
-        return self.dropout(torch.addmm(b2, F.gelu(torch.addmm(b1, x, w1)), w2))  # (n, D)
+        return self.dropout(torch.addmm(b2, ACTIVATIONS[self.act](torch.addmm(b1, x, w1)), w2))  # (n, D)
 
-    def router_logits(self, x: Tensor, modality: Tensor) -> Tensor:
-        """Router logits [N, E], always float32 (the softmax and top-k are precision sensitive)."""
+    def router_logits(self, x: Tensor, modality: Tensor | None) -> Tensor:
+        """Router logits [N, E], always float32 (the softmax and top-k are precision sensitive).
+        modality None: x already carries the modality embedding."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             h = x.float()  # (N, D)
-            if self.modality_embed is not None:
+            if self.modality_embed is not None and modality is not None:
                 h = h + self.modality_embed(modality).float()
             if self.training and self.router_jitter > 0:
                 # multiplicative noise (Switch) for exploration; eval stays deterministic
                 eps = self.router_jitter
                 h = h * torch.empty_like(h).uniform_(1.0 - eps, 1.0 + eps)
             return F.linear(h, self.gate.weight.float())  # (N, E)
+
+    def choose(self, logits: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
+        """Each token's experts [N, k] (first choice first) and their probabilities [N, k]. The top k, or
+        with sample_second in training the first and then k-1 others drawn by Gumbel-max from the logits
+        (official EVE; its evaluation samples too, ours stays deterministic)."""
+        if not (self.sample_second and self.training) or self.top_k == 1:
+            return probs.topk(self.top_k, dim=-1)
+        first = probs.argmax(dim=-1, keepdim=True)  # (N, 1)
+        gumbel = -torch.empty_like(logits).exponential_().log()  # -log(Exp(1)) ~ Gumbel(0, 1)
+        others = (logits + gumbel).scatter(1, first, float("-inf")).topk(self.top_k - 1, dim=-1).indices
+        top_e = torch.cat([first, others], dim=1)  # (N, k)
+        return probs.gather(1, top_e), top_e
 
     def forward(self, x: Tensor, modality: Tensor) -> tuple[Tensor, dict]:
         """x: [N, D] tokens (padding already removed); modality: [N] long, 0 = vision, 1 = text.
@@ -106,10 +144,15 @@ class MoE(nn.Module):
         N, D = x.shape
         E, k, M = self.num_experts, self.top_k, self.num_modalities
 
+        if self.embed_to_experts and self.modality_embed is not None:
+            # official EVE dispatches the router's input: the experts see x + modality embedding too
+            x = x + self.modality_embed(modality).to(x.dtype)
+            logits = self.router_logits(x, None)  # (N, E)
+        else:
+            logits = self.router_logits(x, modality)  # (N, E)
         # route: fp32 softmax, top-k, renormalise so each token's k weights sum to 1
-        logits = self.router_logits(x, modality)  # (N, E)
         probs = logits.softmax(dim=-1)  # (N, E)
-        top_w, top_e = probs.topk(k, dim=-1)  # (N, k)
+        top_w, top_e = self.choose(logits, probs)  # (N, k)
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
 
         # flatten rank-major (all first choices, then all second choices, each in token order);
@@ -122,11 +165,14 @@ class MoE(nn.Module):
         counts = torch.bincount(flat_e, minlength=E)  # (E,)
 
         A = k * N
-        cap = math.ceil(self.capacity_factor * A / E) if self.capacity_factor > 0 else A
+        cap = max(math.ceil(self.capacity_factor * A / E), self.min_capacity) if self.capacity_factor > 0 else A
         # an assignment is kept if it is among the first `cap` of its expert's slice
         starts = counts.cumsum(0) - counts  # (E,)
         kept = torch.arange(A, device=x.device) - starts[e_sorted] < cap  # (A,)
         tok_kept, w_kept = tok_sorted[kept], w_sorted[kept]
+        if self.renorm_kept:  # official EVE: the kept weights of a token sum to 1 again (one kept of two gets 1)
+            kept_sum = w_kept.new_zeros(N).index_add_(0, tok_kept, w_kept)  # (N,)
+            w_kept = w_kept / kept_sum[tok_kept].clamp(min=torch.finfo(w_kept.dtype).eps)
         # the one host sync: the experts' slice lengths must be Python ints
         kept_counts = counts.clamp(max=cap).tolist()
 
@@ -135,9 +181,9 @@ class MoE(nn.Module):
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         # index_select, not x[tok_kept]: its backward is an index_add_, not a slower accumulating index_put_
         out = ExpertFFN.apply(x.index_select(0, tok_kept).to(dt), self.w1, self.b1, self.w2, self.b2,
-                              kept_counts)  # (A_kept, D) grouped by expert, in dtype dt
+                              kept_counts, self.act)  # (A_kept, D) grouped by expert, in dtype dt
         out = self.dropout(out) * w_kept.to(dt).unsqueeze(1)
-        # no renormalisation after drops: a dropped assignment simply contributes nothing
+        # without renorm_kept a dropped assignment simply contributes nothing
         y = x.new_zeros(N, D).index_add_(0, tok_kept, out.to(x.dtype))  # (N, D)
 
         stats = self._stats(probs, top_e, logits, modality, e_sorted[kept], tok_kept, A)
@@ -147,7 +193,7 @@ class MoE(nn.Module):
         E, M = self.num_experts, self.num_modalities
         tokens_per_expert = torch.bincount(modality[tok_kept] * E + e_kept, minlength=M * E).view(M, E)
         return {
-            'aux_loss': load_balancing_loss(probs, top_e, E),
+            'aux_loss': load_balancing_loss(probs, top_e[:, :1] if self.aux_first_only else top_e, E),
             'z_loss': router_z_loss(logits),
             'tokens_per_expert': tokens_per_expert,
             'drop_fraction': 1.0 - tokens_per_expert.sum().float() / max(A, 1),
@@ -158,7 +204,7 @@ class MoE(nn.Module):
 # ---- the performance kernel: a hand-written forward and backward of all experts at once ----
 
 class ExpertFFN(torch.autograd.Function):
-    """Every expert's two-layer GELU FFN on its contiguous slice of the expert-sorted tokens.
+    """Every expert's two-layer FFN (activation `act` of ACTIVATIONS) on its contiguous slice of the expert-sorted tokens.
 
     What it computes is MoE.expert_forward of each expert on its slice; it exists for speed.
     Autograd over per-expert slices of the stacked weights would give each expert a full-size
@@ -172,19 +218,19 @@ class ExpertFFN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, counts):
+    def forward(ctx, x, w1, b1, w2, b2, counts, act="gelu"):
         """x: [A, D] grouped by expert, counts[e] rows each; w1: [E, D, H], b1: [E, H], w2: [E, H, D], b2: [E, D]."""
         dt = x.dtype
         with torch.autocast(x.device.type, enabled=False):  # the dtype is chosen by the caller
             pre = x.new_empty(x.shape[0], w1.shape[2])  # (A, H) pre-activations, kept for backward
             for e, rows in enumerate(_slices(counts)):
                 torch.addmm(b1[e].to(dt), x[rows], w1[e].to(dt), out=pre[rows])  # .to: a no-op in one dtype
-            h = F.gelu(pre)  # (A, H): one elementwise call for all experts
+            h = ACTIVATIONS[act](pre)  # (A, H): one elementwise call for all experts
             out = x.new_empty(x.shape)  # (A, D)
             for e, rows in enumerate(_slices(counts)):
                 torch.addmm(b2[e].to(dt), h[rows], w2[e].to(dt), out=out[rows])
         ctx.save_for_backward(x, w1, w2, pre, h)
-        ctx.counts = counts
+        ctx.counts, ctx.act = counts, act
         return out
 
     @staticmethod
@@ -201,13 +247,13 @@ class ExpertFFN(torch.autograd.Function):
             _mm_into(grad_w2[e], h[rows].t(), grad_out[rows])
             torch.sum(grad_out[rows], dim=0, dtype=wt, out=grad_b2[e])
             torch.mm(grad_out[rows], w2[e].to(dt).t(), out=grad_h[rows])
-        grad_pre = torch.ops.aten.gelu_backward(grad_h, pre)  # (A, H)
+        grad_pre = activation_backward(ctx.act, grad_h, pre)  # (A, H)
         grad_x = torch.empty_like(x)  # (A, D)
         for e, rows in enumerate(_slices(ctx.counts)):
             _mm_into(grad_w1[e], x[rows].t(), grad_pre[rows])
             torch.sum(grad_pre[rows], dim=0, dtype=wt, out=grad_b1[e])
             torch.mm(grad_pre[rows], w1[e].to(dt).t(), out=grad_x[rows])
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
 
 
 def _mm_into(out: Tensor, a: Tensor, b: Tensor):
