@@ -26,11 +26,10 @@ from pathlib import Path
 # imports below, because PyTorch reads it at its first CPU allocation and importing data.py makes one.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from PIL import Image, ImageDraw  # noqa: E402
-
 import data  # noqa: E402
+import pictures  # noqa: E402
 import training  # noqa: E402
-from masking import mask_text, patchify, unpatchify  # noqa: E402
+from masking import mask_text  # noqa: E402
 from model import EVE, EVEConfig, make_config  # noqa: E402
 from shapes import shapes_world  # noqa: E402
 from tokenization import load_tokenizer  # noqa: E402
@@ -75,56 +74,6 @@ def masked_text_batch(batch, tokenizer, tc):
     ids, labels = mask_text(batch["text_ids"], tokenizer.special_ids, tokenizer.mask_id, len(tokenizer),
                             tc.text_mask_ratio, tc.bert_replace)
     return {**batch, "mlm_ids": ids, "mlm_labels": labels}
-
-
-# ---- pictures ----------------------------------------------------------------------------
-
-def to_pil(img):
-    """[3, H, W] normalised tensor -> PIL image."""
-    arr = (data.denormalize(img.float().cpu()).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(arr)
-
-
-def save_reconstruction(path, images, pred, mask, cfg, n=8):
-    """PNG grid, one row per image: original | masked (removed patches grey) | reconstruction
-    (visible patches pasted back, as MAE shows it)."""
-    images, pred, mask = images[:n].float().cpu(), pred[:n].float().cpu(), mask[:n].float().cpu()
-    p = cfg.patch_size
-    target = patchify(images, p)
-    if cfg.norm_pix_loss:  # the prediction is in per-patch normalised units: undo with the true stats
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        pred = pred * (var + 1e-6) ** 0.5 + mean
-    m = mask.unsqueeze(-1)
-    masked = unpatchify(target * (1 - m), p)  # removed patches become 0 = mid grey
-    recon = unpatchify(pred * m + target * (1 - m), p)
-    S = cfg.image_size
-    grid = Image.new("RGB", (3 * S + 4, len(images) * (S + 2)), "white")
-    for i in range(len(images)):
-        for j, t in enumerate((images[i], masked[i], recon[i])):
-            grid.paste(to_pil(t), (j * (S + 2), i * (S + 2)))
-    grid = grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST)
-    grid.save(path)
-
-
-def save_expert_usage(path, load):
-    """PNG bar chart per MoE layer: share of vision (blue) and text (orange) assignments per expert."""
-    rows, W, bar_h = len(load), 640, 90
-    img = Image.new("RGB", (W, rows * (bar_h + 30) + 10), "white")
-    draw = ImageDraw.Draw(img)
-    for r, layer in enumerate(load):  # layer: (2, E) counts
-        layer = layer.float().cpu()
-        share = layer / layer.sum(1, keepdim=True).clamp(min=1)  # each modality sums to 1
-        E = layer.shape[1]
-        top = r * (bar_h + 30) + 20
-        draw.text((5, top - 15), f"MoE layer {r}: share of vision (blue) / text (orange) assignments per expert", fill="black")
-        slot = (W - 20) / E
-        peak = max(share.max().item(), 1e-9)
-        for e in range(E):
-            for m, colour in enumerate(("#3b6fd4", "#e8892b")):
-                h = share[m, e].item() / peak * bar_h
-                x0 = 10 + e * slot + m * slot / 2
-                draw.rectangle([x0, top + bar_h - h, x0 + slot / 2 - 1, top + bar_h], fill=colour)
-    img.save(path)
 
 
 # ---- the run -----------------------------------------------------------------------------
@@ -177,17 +126,28 @@ def run(tc, model_overrides, rank, world, device):
               f"device {device}, {world} process(es)" + (f", resumed from {ckpt_path} at step {step}" if ckpt else ""))
     out_dir = Path(tc.out_dir)
 
-    def pictures(step, batch, out):
-        if rank == 0 and (step % tc.picture_every == 0 or step == tc.max_steps):
+    log = training.MetricsLog(out_dir / "metrics.jsonl", enabled=rank == 0)
+
+    def after_step(step, batch, out):
+        if rank != 0:
+            return
+        if "pred" in out and (step % tc.log_every == 0 or step == tc.max_steps):
+            log.write(step=step, recon_fg_ratio=pictures.foreground_ratio(batch["image"], out["pred"], out["mask"], cfg))
+        if step % tc.picture_every == 0 or step == tc.max_steps:
             out_dir.mkdir(parents=True, exist_ok=True)
             if "pred" in out:
-                save_reconstruction(out_dir / f"recon_{step:07d}.png", batch["image"], out["pred"], out["mask"], cfg)
+                pictures.save_reconstruction(out_dir / f"recon_{step:07d}.png", batch["image"], out["pred"], out["mask"], cfg)
             if "moe_load" in out:
-                save_expert_usage(out_dir / f"experts_{step:07d}.png", out["moe_load"])
+                pictures.save_expert_usage(out_dir / f"experts_{step:07d}.png", out["moe_load"])
+                n = min(4, len(batch["image"]))
+                experts = pictures.first_experts(model, batch["image"][:n], batch["text_ids"][:n], batch["text_mask"][:n])
+                pictures.save_routing(out_dir / f"routing_{step:07d}.png", batch["image"][:n], batch["text_ids"][:n],
+                                      batch["text_mask"][:n], experts, tokenizer, cfg)
+                model.train()
 
     t0 = time.time()
     step = training.fit(model, loader, opt, sched, tc, tc.objective, device, rank, world, progress,
-                        prepare=lambda b: masked_text_batch(b, tokenizer, tc), after_step=pictures,
+                        prepare=lambda b: masked_text_batch(b, tokenizer, tc), after_step=after_step,
                         extra_state=lambda: dict(config=asdict(cfg), train_config=asdict(tc), vocab=tokenizer.state),
                         desc="pretrain", max_seconds=tc.max_seconds)
     if rank == 0 and step >= tc.max_steps:

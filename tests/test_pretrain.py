@@ -23,7 +23,9 @@ def run_flags(world, out_dir, *extra):
 
 
 def log_rows(out_dir):
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    """The training records of metrics.jsonl (the reconstruction diagnostics are records of their own)."""
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
 
 
 @pytest.mark.parametrize("task", ["msm", "itc_itm"])
@@ -68,7 +70,10 @@ def test_resumed_run_equals_uninterrupted_run(small_world, tmp_path):
     assert {"model", "optimizer", "scheduler", "step", "config", "vocab", "rng"} <= set(final_a)
     assert final_a["vocab"] == small_world["vocab"].read_text().split("\n")[: len(final_a["vocab"])]
     assert sorted(p.name for p in a.glob("*.png")) == ["experts_0000003.png", "experts_0000006.png",
-                                                       "recon_0000003.png", "recon_0000006.png"]
+                                                       "recon_0000003.png", "recon_0000006.png",
+                                                       "routing_0000003.png", "routing_0000006.png"]
+    fg = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines() if "recon_fg_ratio" in line]
+    assert [r["step"] for r in fg] == [1, 2, 3, 4, 5, 6] and all(r["recon_fg_ratio"] > 0 for r in fg)
 
 
 def test_metrics_log_has_losses_lr_and_expert_load(small_world, tmp_path):
