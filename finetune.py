@@ -37,6 +37,7 @@ import torch.distributed as dist  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import inference  # noqa: E402
+import official  # noqa: E402
 import training  # noqa: E402
 from model import EVE, TASK_HEADS, EVEConfig, make_config  # noqa: E402
 from shapes import shapes_world  # noqa: E402
@@ -170,6 +171,15 @@ def base_config(fc, overrides, rank):
     if not Path(fc.init).is_file():
         raise SystemExit(f"error: --init {fc.init}: no such checkpoint file")
     ckpt = training.load_checkpoint(fc.init)
+    released = official.state_dict_of(ckpt)
+    if released is not None:  # a released EVE checkpoint: the architecture from its shapes, names mapped in load_init
+        if given is None:
+            raise SystemExit(f"error: --init {fc.init} is an official EVE checkpoint, which carries no vocabulary: "
+                             "give its tokenizer with --bpe DIR (vocab.json + merges.txt)")
+        cfg = official.official_config(released, **overrides)
+        if len(given) > cfg.vocab_size:
+            raise SystemExit(f"error: the tokenizer has {len(given)} tokens, {fc.init} embeds {cfg.vocab_size}")
+        return cfg, given, {"official": released}
     if not all(k in ckpt for k in ("model", "config", "vocab")):
         raise SystemExit(f"error: --init {fc.init}: not a pretrain.py checkpoint (needs model, config and vocab)")
     tokenizer = tokenizer_from_state(ckpt["vocab"])  # the vocabulary travels in the checkpoint
@@ -182,14 +192,15 @@ def base_config(fc, overrides, rank):
 
 def load_init(model, ckpt, source, verbose=True):
     """The pre-trained weights; the task heads stay new. Shape mismatches stop with a list of the tensors."""
-    missing, unexpected = training.load_model_state(model, ckpt["model"], source, strict=False)
+    state = official.convert(ckpt["official"], model, source, verbose) if "official" in ckpt else ckpt["model"]
+    missing, unexpected = training.load_model_state(model, state, source, strict=False)
     if not verbose:
         return
     for what, keys in (("new (randomly initialised)", missing), ("in the checkpoint but not used", unexpected)):
         modules = Counter(k.split(".")[0] for k in keys)
         if modules:
             print(f"{what}: " + ", ".join(f"{m} ({n} tensors)" for m, n in sorted(modules.items())))
-    print(f"loaded {len(ckpt['model']) - len(unexpected)} tensors from {source}")
+    print(f"loaded {len(state) - len(unexpected)} tensors from {source}")
 
 
 # ---- the run -----------------------------------------------------------------------------

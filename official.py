@@ -90,13 +90,11 @@ def state_dict_of(ckpt):
     return None
 
 
-def official_config(sd, preset=None, **overrides):
-    """EVEConfig of an official state dict: the base or large preset (official architecture values; by width
-    unless given) with the sizes read off the tensors; overrides (e.g. image_size for another resolution) win."""
+def official_config(sd, **overrides):
+    """EVEConfig of an official state dict: the official architecture values (the base preset; large differs only
+    in sizes) with the sizes read off the tensors, 64-wide heads; overrides (e.g. image_size, to fine-tune at
+    another resolution) win."""
     dim = sd["backbone.word_embedding.weight"].shape[1]
-    preset = preset or {768: "base", 1024: "large"}.get(dim)
-    if preset is None:
-        raise SystemExit(f"error: an official checkpoint of width {dim}: the releases are base (768) and large (1024)")
     layers = {int(m.group(1)) for k in sd for m in [re.match(r"backbone\.encoder\.layers\.(\d+)\.", k)] if m}
     moe = sorted({int(m.group(1)) for k in sd for m in [re.match(r"backbone\.encoder\.layers\.(\d+)\.mlp_moe\.", k)] if m})
     depth = max(layers) + 1
@@ -106,14 +104,14 @@ def official_config(sd, preset=None, **overrides):
     fc1 = sd.get("backbone.encoder.layers.0.mlp_imag.fc1.weight")
     patch = sd["backbone.patch_embed.weight"].shape[-1]
     grid = math.isqrt(sd["backbone.pos_embed_vision"].shape[0] - 1)
-    found = dict(dim=dim, depth=depth, top_layers=len(moe), num_experts=max(experts) + 1 if experts else 0,
+    found = dict(dim=dim, heads=max(1, dim // 64), depth=depth, top_layers=len(moe), num_experts=max(experts) + 1 if experts else 0,
                  vocab_size=sd["backbone.word_embedding.weight"].shape[0], patch_size=patch, image_size=grid * patch)
     if fc1 is not None:
         found["mlp_ratio"] = fc1.shape[0] / dim
     for name, field in (("itc_vision_proj_head.weight", "itc_dim"), ("mitc_vision_proj_head.weight", "itc_dim")):
         if name in sd:
             found[field] = sd[name].shape[0]
-    return make_config(preset, **{**found, **overrides})
+    return make_config("base", **{**found, **overrides})
 
 
 def _target(name, sd):

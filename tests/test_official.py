@@ -221,7 +221,7 @@ def official_state_dict(D=32, depth=3, moe_layers=(2,), E=4, vocab=50, grid=4, p
 
 def test_every_official_tensor_maps_to_its_place():
     sd = official_state_dict()
-    cfg = official.official_config(sd, preset="base", heads=4, num_answers=7)
+    cfg = official.official_config(sd, heads=4, num_answers=7)
     assert (cfg.dim, cfg.depth, cfg.top_layers, cfg.num_experts, cfg.vocab_size, cfg.image_size) == (32, 3, 1, 4, 50, 32)
     model = EVE(cfg)
     state = official.convert(sd, model, verbose=False)
@@ -240,14 +240,14 @@ def test_every_official_tensor_maps_to_its_place():
     assert torch.equal(model.text_pos.weight, sd["backbone.pos_embed_text"][:40])
     assert torch.equal(model.vqa_head[3].weight, sd["output.3.weight"])
     # another resolution: the position embeddings are resized, the rest is the same
-    big = EVE(official.official_config(sd, preset="base", heads=4, image_size=48))
+    big = EVE(official.official_config(sd, heads=4, image_size=48))
     assert official.convert(sd, big, verbose=False)["image_pos"].shape == (1, 37, 32)
 
 
 def test_a_wrong_or_missing_name_is_listed():
     sd = official_state_dict()
     sd["backbone.encoder.layers.1.attn.qkv_typo.weight"] = sd.pop("backbone.encoder.layers.1.attn.qkv.weight")
-    model = EVE(official.official_config(sd, preset="base", heads=4))
+    model = EVE(official.official_config(sd, heads=4))
     with pytest.raises(SystemExit) as e:
         official.convert(sd, model, verbose=False)
     msg = str(e.value)
@@ -255,4 +255,34 @@ def test_a_wrong_or_missing_name_is_listed():
     sd = official_state_dict()
     del sd["backbone.encoder.layers.2.mlp_moe.moe.experts.experts.2.fc1.bias"]
     with pytest.raises(SystemExit, match=r"blocks\.2\.ffn\.b1"):
-        official.convert(sd, EVE(official.official_config(sd, preset="base", heads=4)), verbose=False)
+        official.convert(sd, EVE(official.official_config(sd, heads=4)), verbose=False)
+
+
+def test_finetune_init_from_an_official_checkpoint(small_world, tmp_path, capsys):
+    import json
+
+    import finetune
+    import tokenization
+    bpe = tmp_path / "bpe"  # a byte-level BPE without merges: the specials and the 256 byte characters
+    bpe.mkdir()
+    vocab = list(tokenization.BPE_SPECIALS.values()) + list(tokenization.byte_to_char().values())
+    (bpe / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
+    (bpe / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    sd = official_state_dict(D=64, vocab=300)
+    torch.save({"model": sd, "epoch": 3}, tmp_path / "eve_official.pth")
+    w = small_world
+    args = ["--task", "vqa", "--image-root", w["root"], "--answer-list", w["answer_list"], "--batch-size", "4",
+            "--num-workers", "0", "--max-steps", "1", "--min-answer-count", "1", "--out-dir", tmp_path / "ft",
+            "--init", tmp_path / "eve_official.pth"] + [
+        x for split in ("train", "val", "test") for x in (f"--{split}-json", w[f"vqa_{split}"])]
+    args = [str(a) for a in args]
+    with pytest.raises(SystemExit, match="--bpe"):
+        finetune.main(args)
+    finetune.main(args + ["--bpe", str(bpe)])
+    printed = capsys.readouterr().out
+    assert "official heads not used here" in printed and "output.3.weight (7, 128)" in printed  # another answer list
+    best = torch.load(tmp_path / "ft" / "best.pt", weights_only=False)
+    assert best["config"]["act"] == "quick_gelu" and best["config"]["dim"] == 64
+    # one fine-tuning step away from the official weights (Adam moves each by about lr)
+    assert torch.allclose(best["model"]["blocks.2.ffn.gate.weight"], sd["backbone.encoder.layers.2.mlp_moe.moe.gate.wg.weight"],
+                          atol=5e-3)
