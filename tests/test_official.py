@@ -278,11 +278,11 @@ def test_finetune_init_from_an_official_checkpoint(small_world, tmp_path, capsys
     args = [str(a) for a in args]
     with pytest.raises(SystemExit, match="--bpe"):
         finetune.main(args)
-    finetune.main(args + ["--bpe", str(bpe)])
+    finetune.main(args + ["--bpe", str(bpe), "--image-size", "48"])  # 6 x 6 patches: position embeddings resized
     printed = capsys.readouterr().out
     assert "official heads not used here" in printed and "output.3.weight (7, 128)" in printed  # another answer list
     best = torch.load(tmp_path / "ft" / "best.pt", weights_only=False)
-    assert best["config"]["act"] == "quick_gelu" and best["config"]["dim"] == 64
+    assert best["config"]["act"] == "quick_gelu" and best["config"]["dim"] == 64 and best["config"]["image_size"] == 48
     # one fine-tuning step away from the official weights (Adam moves each by about lr)
     assert torch.allclose(best["model"]["blocks.2.ffn.gate.weight"], sd["backbone.encoder.layers.2.mlp_moe.moe.gate.wg.weight"],
                           atol=5e-3)
