@@ -145,6 +145,12 @@ class _JsonImageDataset(Dataset):
         if not self.image_root.is_dir():
             raise DataError(f"{self.json_name}: image root does not exist: {self.image_root.resolve()}")
         self.rows, self.skipped = read_json_rows(json_path, self.required, skip_bad, self.optional, self.check)
+        self.file_rows = list(range(len(self.rows)))  # row i's number in the file (without skip_bad)
+
+    def subset(self, indices):
+        """Keep only these rows (a low-label run); errors still name each row's number in the file."""
+        self.rows = [self.rows[i] for i in indices]
+        self.file_rows = [self.file_rows[i] for i in indices]
 
     def check(self, row):  # format-specific checks beyond keys and types
         return None
@@ -153,8 +159,7 @@ class _JsonImageDataset(Dataset):
         return len(self.rows)
 
     def _image(self, index, relative, crop=None, flip=False):
-        """The image as a tensor, or a Skip when skip_bad and it is missing or unreadable. (Without
-        skip_bad, index is the row number in the file.)"""
+        """The image as a tensor, or a Skip when skip_bad and it is missing or unreadable."""
         path = self.image_root / relative
         try:
             if not path.is_file():
@@ -162,7 +167,7 @@ class _JsonImageDataset(Dataset):
             return load_image(path, self.image_size, crop, flip)
         except DataError as e:
             if not self.skip_bad:
-                raise DataError(f"{self.json_name} row {index}: {e}") from None
+                raise DataError(f"{self.json_name} row {self.file_rows[index]}: {e}") from None
             return Skip("image not found" if not path.is_file() else "unreadable image")
 
 

@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import random
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -61,6 +62,7 @@ class FinetuneConfig(training.TrainingConfig):
     out_dir: str = ""  # checkpoints, metrics.jsonl, results.json (default: runs/finetune_<task>)
     epochs: float = 0.0  # passes over the training data; 0 = the task's shapes-world default (DEFAULT_EPOCHS)
     max_steps: int = 0  # optimizer steps; 0 = epochs x steps per epoch
+    train_fraction: float = 1.0  # use this share of the training rows (the same rows for every seed): low-label runs
     batch_size: int = 32  # per process and micro-batch
     lr: float = 5e-4  # peak learning rate
     head_lr_mult: float = 1.0  # the task's new head learns at head_lr_mult x lr (official EVE: 5-10)
@@ -241,6 +243,11 @@ def run(fc, overrides, rank, world, device):
         cfg, tokenizer, init = base_config(fc, overrides, rank)
     task = inference.TASKS[fc.task]
     train_set = task.train_set(fc.train_json, fc.image_root, cfg.image_size, skip_bad=fc.skip_bad)
+    if not 0 < fc.train_fraction <= 1:
+        raise SystemExit(f"error: --train-fraction must be in (0, 1], not {fc.train_fraction}")
+    if fc.train_fraction < 1:  # a fixed subset, whatever the seed, so that seeds vary only the run
+        n = len(train_set)
+        train_set.subset(sorted(random.Random(0).sample(range(n), max(1, round(fc.train_fraction * n)))))
     answers = None
     if fc.task == "vqa":
         answers = resume["answers"] if resume else vqa_answers(fc, train_set.rows, verbose=rank == 0)

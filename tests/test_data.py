@@ -222,3 +222,14 @@ def test_worker_processes_give_the_same_batches(small_world):
     for a, b in zip(*batches):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["text_ids"], b["text_ids"])
         assert tok.unk_id not in a["text_ids"]  # the world's vocabulary covers its captions
+
+
+def test_subset_keeps_rows_and_file_row_numbers(tmp_path, image_root):
+    rows = [{"image": "a.png", "caption": f"c{i}", "image_id": i} for i in range(4)]
+    rows[3]["image"] = "missing.png"
+    (tmp_path / "rt.json").write_text(json.dumps(rows))
+    ds = data.RetrievalTrainDataset(tmp_path / "rt.json", image_root, 8)
+    ds.subset([1, 3])
+    assert len(ds) == 2 and ds[0]["text"] == "c1"
+    with pytest.raises(DataError, match="rt.json row 3: image not found"):  # the file's row, not the subset's
+        ds[1]

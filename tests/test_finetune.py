@@ -332,3 +332,15 @@ def test_evaluation_skips_bad_images(finetuned, world, tmp_path):
     i2t, t2i = inference.retrieval_scores(model, dataset, tokenizer, 4, cpu, batch_size=3)
     assert (t2i[:, 0] <= inference.NOT_CANDIDATE).all() and (i2t[0] <= inference.NOT_CANDIDATE).all()
     assert (i2t[1:] > inference.NOT_CANDIDATE).sum() > 0
+
+
+def test_train_fraction_uses_the_same_share_of_rows_for_every_seed(world, tmp_path, capsys):
+    rows = len(json.loads(world["vqa_train"].read_text()))
+    seen = []
+    for seed in (0, 1):
+        finetune.main(data_args(world, "vqa") + RUN + ["--train-fraction", "0.5", "--seed", str(seed),
+                                                       "--out-dir", str(tmp_path / f"s{seed}")])
+        seen.append([line for line in capsys.readouterr().out.splitlines() if "training rows" in line][0])
+    assert f"vqa: {round(rows / 2)} training rows" in seen[0] and seen[0].split(",")[0] == seen[1].split(",")[0]
+    with pytest.raises(SystemExit, match="train-fraction"):
+        finetune.main(data_args(world, "vqa") + RUN + ["--train-fraction", "0", "--out-dir", str(tmp_path / "x")])
