@@ -12,8 +12,9 @@ token->expert assignments are sorted by expert, each expert runs once on its
 contiguous slice, and the weighted results are added back with index_add_.
 There are no (tokens x experts x capacity) one-hot tensors.
 
-Reading order: the auxiliary losses, then the MoE module (router, top-k, dispatch,
-combine); at the end ExpertFFN, the CPU-friendly kernel that runs all experts.
+Reading order: the activations and auxiliary losses, then the MoE module (router, top-k,
+dispatch, combine); at the end ExpertFFN, the CPU-friendly kernel that runs all experts, and
+its helpers.
 """
 
 import math
@@ -30,14 +31,6 @@ def quick_gelu(x: Tensor) -> Tensor:
 
 
 ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
-
-
-def activation_backward(act: str, grad: Tensor, pre: Tensor) -> Tensor:
-    """grad * act'(pre), the backward of ACTIVATIONS[act] for ExpertFFN."""
-    if act == "gelu":
-        return torch.ops.aten.gelu_backward(grad, pre)
-    s = torch.sigmoid(1.702 * pre)  # d/dx x*s(ax) = s(ax) + a*x*s(ax)*(1 - s(ax))
-    return grad * (s + 1.702 * pre * s * (1 - s))
 
 
 def load_balancing_loss(router_probs: Tensor, expert_index: Tensor, num_experts: int) -> Tensor:
@@ -270,3 +263,11 @@ def _slices(counts: list[int]):
     for c in counts:
         yield slice(start, start + c)
         start += c
+
+
+def activation_backward(act: str, grad: Tensor, pre: Tensor) -> Tensor:
+    """grad * act'(pre), the backward of ACTIVATIONS[act] for ExpertFFN."""
+    if act == "gelu":
+        return torch.ops.aten.gelu_backward(grad, pre)
+    s = torch.sigmoid(1.702 * pre)  # d/dx x*s(ax) = s(ax) + a*x*s(ax)*(1 - s(ax))
+    return grad * (s + 1.702 * pre * s * (1 - s))
