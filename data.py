@@ -2,7 +2,8 @@
 
 Bottom-up:
 1. `load_image`: any PNG/JPEG mode -> normalised (3, S, S) tensor; `swap_left_right` keeps a
-   caption true when its image is flipped.
+   caption true when its image is flipped; fine-tuning augmentation (`augment_draws`: random-resized
+   crop, colour jitter, RandAugment), written with PIL.
 2. Readers of the ALBEF/X-VLM JSON formats (pre-training, retrieval, VQA, NLVR2), one `Collator`
    and one DataLoader recipe (`make_loader`, `loader_set_epoch`) shared by all training scripts.
 The tokenizers are in tokenization.py, the synthetic shapes world in shapes.py.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 
@@ -58,8 +59,9 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def load_image(path, image_size, crop=None, flip=False):
-    """Image file -> normalised FloatTensor (3, S, S). crop = (left, top, width, height) as fractions."""
+def load_image(path, image_size, crop=None, flip=False, transform=None):
+    """Image file -> normalised FloatTensor (3, S, S). crop = (left, top, width, height) as fractions;
+    transform: PIL image -> PIL image, applied last (colour jitter, RandAugment)."""
     try:
         with Image.open(path) as img:
             img.load()  # decode now, so corrupt or truncated files fail here
@@ -72,6 +74,8 @@ def load_image(path, image_size, crop=None, flip=False):
     img = img.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box)
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if transform is not None:
+        img = transform(img)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
     return (x - _MEAN) / _STD
 
@@ -79,6 +83,73 @@ def load_image(path, image_size, crop=None, flip=False):
 def denormalize(x):
     """Inverse of load_image's normalisation, back to [0, 1]; works on (3,S,S) and (B,3,S,S)."""
     return (x * _STD.to(x.device) + _MEAN.to(x.device)).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- fine-tuning augmentation
+AUGMENTS = ("none", "flip", "color", "randaug")  # FinetuneConfig.augment; every mode but none crops and flips
+RANDAUG_FILL = (128, 128, 128)  # what RandAugment's geometric ops uncover (official value)
+# RandAugment as the official VQA fine-tuning draws it (ALBEF's RandomAugment(2, 7) over these 10 ops): at magnitude
+# 7 of 10 an enhance factor of 0.7 * 1.8 + 0.1 = 1.36, shear 0.21, translation 7 px, rotation 21 degrees, each
+# geometric op in a random direction (sign).
+_AFFINE = lambda *coeffs: lambda img, sign: img.transform(  # noqa: E731
+    img.size, Image.Transform.AFFINE, tuple(c * sign if isinstance(c, float) else c for c in coeffs),
+    resample=Image.Resampling.BILINEAR, fillcolor=RANDAUG_FILL)
+RANDAUG_OPS = {
+    "identity": lambda img, sign: img,
+    "autocontrast": lambda img, sign: ImageOps.autocontrast(img),
+    "equalize": lambda img, sign: ImageOps.equalize(img),
+    "brightness": lambda img, sign: ImageEnhance.Brightness(img).enhance(1.36),
+    "sharpness": lambda img, sign: ImageEnhance.Sharpness(img).enhance(1.36),
+    "shear_x": _AFFINE(1, 0.21, 0, 0, 1, 0),  # PIL's affine maps each output pixel (x, y) to an input pixel
+    "shear_y": _AFFINE(1, 0, 0, 0.21, 1, 0),
+    "translate_x": _AFFINE(1, 0, 7.0, 0, 1, 0),
+    "translate_y": _AFFINE(1, 0, 0, 0, 1, 7.0),
+    "rotate": lambda img, sign: img.rotate(21 * sign, Image.Resampling.BILINEAR, fillcolor=RANDAUG_FILL),
+}
+
+
+def random_crop_box(rng, scale, ratio=(3 / 4, 4 / 3)):
+    """A random-resized crop as fractions (left, top, width, height): the area share uniform in `scale`, the
+    aspect ratio log-uniform in `ratio`, the sides clipped to the image (torchvision retries instead)."""
+    area, aspect = rng.uniform(*scale), math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    w, h = min(1.0, math.sqrt(area * aspect)), min(1.0, math.sqrt(area / aspect))
+    return rng.uniform(0, 1 - w), rng.uniform(0, 1 - h), w, h
+
+
+def colour_jitter(rng, strength=0.4):
+    """PIL image -> PIL image: brightness, contrast and saturation each scaled by a factor uniform in
+    1 +- strength, in a random order (torchvision's ColorJitter(0.4, 0.4, 0.4) of the official 'color' option)."""
+    steps = [(enhance, rng.uniform(1 - strength, 1 + strength))
+             for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)]
+    rng.shuffle(steps)
+
+    def apply(img):
+        for enhance, factor in steps:
+            img = enhance(img).enhance(factor)
+        return img
+    return apply
+
+
+def rand_augment(rng, n=2, p=0.5):
+    """PIL image -> PIL image: n ops of RANDAUG_OPS drawn with replacement, each applied with probability p."""
+    names = sorted(RANDAUG_OPS)
+    ops = [(names[rng.randrange(len(names))], rng.choice((-1, 1)), rng.random() < p) for _ in range(n)]
+
+    def apply(img):
+        for name, sign, used in ops:
+            img = RANDAUG_OPS[name](img, sign) if used else img
+        return img
+    return apply
+
+
+def augment_draws(rng, mode):
+    """One training image's augmentation of `mode` (AUGMENTS), all drawn from rng now: (crop box for load_image,
+    transform or None). The official fine-tuning crop keeps 0.5-1 of the area. The flip is drawn by the dataset,
+    which also swaps left and right in the text."""
+    if mode == "none":
+        return None, None
+    crop = random_crop_box(rng, (0.5, 1.0))
+    return crop, colour_jitter(rng) if mode == "color" else rand_augment(rng) if mode == "randaug" else None
 
 
 # ----------------------------------------------------------------------------- readers of the real formats
@@ -139,9 +210,10 @@ class _JsonImageDataset(Dataset):
     """Shared by all readers: the validated rows, the image root and image loading with row errors."""
     required, optional = {}, {}
 
-    def __init__(self, json_path, image_root, image_size, skip_bad=False):
+    def __init__(self, json_path, image_root, image_size, skip_bad=False, augment="none", seed=0):
         self.json_name, self.image_root = Path(json_path).name, Path(image_root)
         self.image_size, self.skip_bad = image_size, skip_bad
+        self.augment, self.seed, self.epoch = augment, seed, 0  # fine-tuning sets: a mode of AUGMENTS
         if not self.image_root.is_dir():
             raise DataError(f"{self.json_name}: image root does not exist: {self.image_root.resolve()}")
         self.rows, self.skipped = read_json_rows(json_path, self.required, skip_bad, self.optional, self.check)
@@ -155,16 +227,32 @@ class _JsonImageDataset(Dataset):
     def check(self, row):  # format-specific checks beyond keys and types
         return None
 
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def rng(self, index):
+        """The random draws of item `index` depend only on (seed, epoch, index): reproducible and resumable
+        with any number of workers."""
+        return random.Random(f"{self.seed}-{self.epoch}-{index}")
+
+    def flip(self, rng):
+        """Whether a training item is mirrored (half of them, when augmenting)."""
+        return self.augment != "none" and rng.random() < 0.5
+
     def __len__(self):
         return len(self.rows)
 
-    def _image(self, index, relative, crop=None, flip=False):
-        """The image as a tensor, or a Skip when skip_bad and it is missing or unreadable."""
+    def _image(self, index, relative, crop=None, flip=False, rng=None):
+        """The image as a tensor, or a Skip when skip_bad and it is missing or unreadable. With rng, the crop and
+        transform of fine-tuning augmentation (self.augment) are drawn from it."""
         path = self.image_root / relative
+        transform = None
+        if rng is not None:
+            crop, transform = augment_draws(rng, self.augment)
         try:
             if not path.is_file():
                 raise DataError(f"image not found: {path.resolve()}")
-            return load_image(path, self.image_size, crop, flip)
+            return load_image(path, self.image_size, crop, flip, transform)
         except DataError as e:
             if not self.skip_bad:
                 raise DataError(f"{self.json_name} row {self.file_rows[index]}: {e}") from None
@@ -181,21 +269,15 @@ class PretrainDataset(_JsonImageDataset):
     required = {"image": str, "caption": (str, list)}
 
     def __init__(self, json_path, image_root, image_size, skip_bad=False, augment=False, seed=0):
-        super().__init__(json_path, image_root, image_size, skip_bad)
-        self.augment, self.seed, self.epoch = augment, seed, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+        super().__init__(json_path, image_root, image_size, skip_bad, augment, seed)  # augment: on or off
 
     def __getitem__(self, index):
         row = self.rows[index]
-        rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
+        rng = self.rng(index)
         captions = _captions_of(row)
         text, crop, flip = captions[rng.randrange(len(captions))], None, False
         if self.augment:  # mild random-resized-crop (area 0.8-1, aspect 3/4-4/3) and a flip
-            area, aspect = rng.uniform(0.8, 1.0), math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            w, h = min(1.0, math.sqrt(area * aspect)), min(1.0, math.sqrt(area / aspect))
-            crop = (rng.uniform(0, 1 - w), rng.uniform(0, 1 - h), w, h)
+            crop = random_crop_box(rng, (0.8, 1.0))
             flip = rng.random() < 0.5
             text = swap_left_right(text) if flip else text  # "left of" must stay true after the flip
         image = self._image(index, row["image"], crop, flip)
@@ -207,17 +289,19 @@ class RetrievalTrainDataset(_JsonImageDataset):
     (int or str in the real files) are renumbered 0.. in order of first appearance."""
     required = {"image": str, "caption": str, "image_id": (int, str)}
 
-    def __init__(self, json_path, image_root, image_size, skip_bad=False):
-        super().__init__(json_path, image_root, image_size, skip_bad)
+    def __init__(self, json_path, image_root, image_size, skip_bad=False, augment="none", seed=0):
+        super().__init__(json_path, image_root, image_size, skip_bad, augment, seed)
         self.image_ids = {}
         for row in self.rows:
             self.image_ids.setdefault(row["image_id"], len(self.image_ids))
 
     def __getitem__(self, index):
-        row = self.rows[index]
-        image = self._image(index, row["image"])
+        row, rng = self.rows[index], self.rng(index)
+        flip = self.flip(rng)
+        image = self._image(index, row["image"], flip=flip, rng=rng)
         return image if isinstance(image, Skip) else {
-            "image": image, "text": row["caption"], "image_id": self.image_ids[row["image_id"]]}
+            "image": image, "text": swap_left_right(row["caption"]) if flip else row["caption"],
+            "image_id": self.image_ids[row["image_id"]]}
 
 
 class RetrievalEvalDataset(_JsonImageDataset):
@@ -245,8 +329,8 @@ class VQADataset(_JsonImageDataset):
     required = {"question_id": int, "question": str, "image": str}
     optional = {"answer": (str, list)}
 
-    def __init__(self, json_path, image_root, image_size, answer_list_path=None, skip_bad=False):
-        super().__init__(json_path, image_root, image_size, skip_bad)
+    def __init__(self, json_path, image_root, image_size, answer_list_path=None, skip_bad=False, augment="none", seed=0):
+        super().__init__(json_path, image_root, image_size, skip_bad, augment, seed)
         self.answer_list = None
         if answer_list_path is not None:
             path = Path(answer_list_path)
@@ -257,12 +341,16 @@ class VQADataset(_JsonImageDataset):
                 raise DataError(f"{path.name}: expected a JSON list of answer strings")
 
     def __getitem__(self, index):
-        row = self.rows[index]
+        row, rng = self.rows[index], self.rng(index)
         answers = row.get("answer", [])
-        image = self._image(index, row["image"])
+        answers = [answers] if isinstance(answers, str) else list(answers)
+        flip = self.flip(rng)  # "what is left of the cube?" on the mirrored image asks for what is right of it
+        image = self._image(index, row["image"], flip=flip, rng=rng)
+        if flip:
+            answers = [swap_left_right(a) for a in answers]
         return image if isinstance(image, Skip) else {
-            "image": image, "text": row["question"], "question_id": row["question_id"],
-            "answers": [answers] if isinstance(answers, str) else list(answers)}
+            "image": image, "text": swap_left_right(row["question"]) if flip else row["question"],
+            "question_id": row["question_id"], "answers": answers}
 
 
 class NLVR2Dataset(_JsonImageDataset):
@@ -279,11 +367,16 @@ class NLVR2Dataset(_JsonImageDataset):
         return None
 
     def __getitem__(self, index):
-        row = self.rows[index]
-        images = [self._image(index, p) for p in row["images"]]
+        row, rng = self.rows[index], self.rng(index)
+        # a flip mirrors the whole pair as shown side by side: each image flipped, the two swapped, and left/right
+        # swapped in the sentence ("the left image has a dog on the right" stays true); the label is unchanged
+        flip = self.flip(rng)
+        images = [self._image(index, p, flip=flip, rng=rng) for p in row["images"]]
         skips = [x for x in images if isinstance(x, Skip)]
+        if flip:
+            images.reverse()
         return skips[0] if skips else {
-            "image0": images[0], "image1": images[1], "text": row["sentence"],
+            "image0": images[0], "image1": images[1], "text": swap_left_right(row["sentence"]) if flip else row["sentence"],
             "label": int(row["label"] == "True"), "identifier": row.get("identifier", "")}
 
 

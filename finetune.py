@@ -40,7 +40,7 @@ import evaluate  # noqa: E402
 import inference  # noqa: E402
 import official  # noqa: E402
 import training  # noqa: E402
-from model import EVE, TASK_HEADS, EVEConfig, make_config  # noqa: E402
+from model import EVE, OFFICIAL, TASK_HEADS, EVEConfig, make_config, resize_image_pos  # noqa: E402
 from shapes import shapes_world  # noqa: E402
 from tokenization import load_tokenizer, tokenizer_from_state  # noqa: E402
 
@@ -65,8 +65,13 @@ class FinetuneConfig(training.TrainingConfig):
     train_fraction: float = 1.0  # use this share of the training rows (the same rows for every seed): low-label runs
     batch_size: int = 32  # per process and micro-batch
     lr: float = 5e-4  # peak learning rate
-    head_lr_mult: float = 1.0  # the task's new head learns at head_lr_mult x lr (official EVE: 5-10)
-    warmup_steps: int = -1  # linear warm-up; -1 = a tenth of all steps
+    head_lr_mult: float = 1.0  # the task's new head learns at head_lr_mult x lr (official EVE: 10 VQA, 2 NLVR2/retrieval)
+    warmup_steps: int = -1  # linear warm-up; -1 = warmup_ratio of all steps
+    warmup_ratio: float = 0.1  # the warm-up's share of all steps when --warmup-steps is -1 (official: 0.1, NLVR2 0.2)
+    recipe: str = "auto"  # own (these defaults) | official (OFFICIAL_RECIPE: EVE's optimizer, schedule, resolution and
+    # augmentation; flags given still win) | auto (official for the official architecture: --preset base/large, else own)
+    augment: str = "none"  # training images: none | flip (random-resized crop + flip, left/right swapped in the text) |
+    # color (flip + colour jitter 0.4) | randaug (flip + RandAugment, 2 ops at 7/10; official VQA): data.augment_draws
     k_test: int = 16  # retrieval: ITM re-ranks each query's top k_test ITC candidates (ALBEF: 128/256); 0 = ITC only
     rank: str = "itc+itm"  # retrieval: candidates ranked by itc | itm (ALBEF) | itc+itm (ITC logit + ITM log-odds)
     seed: int = 0  # data order and new-head init
@@ -81,6 +86,21 @@ class FinetuneConfig(training.TrainingConfig):
 # pipeline, not a result: from scratch VQA reaches the language prior (the majority answer per question kind,
 # ~52%; 1 epoch adds nothing), NLVR2 and retrieval stay at chance. Learning the images takes longer runs.
 DEFAULT_EPOCHS = {"vqa": 0.5, "nlvr2": 2.0, "retrieval": 0.05}
+# The official EVE fine-tuning recipe (github ssyze/EVE: configs/VQA_beit_480_vg.yaml, NLVR_vit_lrtest_5e-5.yaml,
+# Retrieval_{coco,flickr}_ft.yaml; optim.py, scheduler.py, dataset/__init__.py), used by --recipe official: AdamW
+# betas (0.9, 0.98), weight decay 0.01, decay to 0 after the warm-up, 10 epochs, the head_lr_mult of new heads (its
+# lr_mult), grad clip, the fine-tuning resolution (image_size: position embeddings resized) and augmentation per task.
+# Batch sizes (16/16/18 per GPU there) are left to --batch-size. One difference on purpose: the official NLVR2 and VQA
+# flips keep the text (VQA skips the flip when "left"/"right" occurs); here a flip swaps left and right in the text.
+OFFICIAL_RECIPE = {
+    "vqa": dict(lr=3e-5, head_lr_mult=10.0, schedule="linear", warmup_ratio=0.1, grad_clip=3.0, image_size=480,
+                augment="randaug"),
+    "nlvr2": dict(lr=5e-5, head_lr_mult=2.0, schedule="cosine", warmup_ratio=0.2, grad_clip=3.0, image_size=384,
+                  augment="flip"),
+    "retrieval": dict(lr=3e-5, head_lr_mult=2.0, schedule="linear", warmup_ratio=0.1, grad_clip=1.0, image_size=384,
+                      augment="flip"),
+}
+OFFICIAL_COMMON = dict(weight_decay=0.01, adam_beta2=0.98, min_lr_ratio=0.0, epochs=10.0)
 SOFT_SCORES = (0.0, 0.3, 0.6, 0.9, 1.0)  # VQA target of an answer given by 0, 1, 2, 3, 4+ annotators
 
 
@@ -192,9 +212,33 @@ def base_config(fc, overrides, rank):
     return EVEConfig(**{**ckpt["config"], **overrides}), tokenizer, ckpt
 
 
+POS_TABLES = ("image_pos", "decoder.pos_embed")  # (1, 1 + patches, D): resized when fine-tuning at another resolution
+
+
+def apply_recipe(fc, cfg, given, fresh=True):
+    """(fc, cfg) with the official recipe's values (OFFICIAL_RECIPE) for every field not `given` on the command line,
+    when --recipe official, or auto and the model is the official architecture (model.OFFICIAL's values: the base and
+    large presets, official checkpoints). fresh=False (a resumed run) keeps the checkpoint's image size."""
+    if fc.recipe not in ("auto", "own", "official"):
+        raise SystemExit(f"error: --recipe must be auto, own or official, not {fc.recipe!r}")
+    official_model = all(getattr(cfg, k) == v for k, v in OFFICIAL.items())
+    if fc.recipe == "own" or (fc.recipe == "auto" and not official_model):
+        return fc, cfg
+    values = {k: v for k, v in {**OFFICIAL_COMMON, **OFFICIAL_RECIPE[fc.task]}.items() if k not in given}
+    if fresh and "image_size" in values:
+        cfg = replace(cfg, image_size=values["image_size"])
+    return replace(fc, **{k: v for k, v in values.items() if k != "image_size"}), cfg
+
+
 def load_init(model, ckpt, source, verbose=True):
-    """The pre-trained weights; the task heads stay new. Shape mismatches stop with a list of the tensors."""
-    state = official.convert(ckpt["official"], model, source, verbose) if "official" in ckpt else ckpt["model"]
+    """The pre-trained weights; the task heads stay new. Shape mismatches stop with a list of the tensors. At
+    another resolution than pre-training, the image position tables (encoder and pixel decoder) are resized."""
+    if "official" in ckpt:
+        state = official.convert(ckpt["official"], model, source, verbose)
+    else:
+        own = model.state_dict()
+        state = {k: resize_image_pos(v, math.isqrt(own[k].shape[1] - 1)) if k in POS_TABLES and k in own else v
+                 for k, v in ckpt["model"].items()}
     missing, unexpected = training.load_model_state(model, state, source, strict=False)
     if not verbose:
         return
@@ -215,6 +259,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def given_flags(argv=None):
+    """The names of the fields given on the command line (a flag given at its default value counts too)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    training.add_dataclass_args(parser, FinetuneConfig, defaults=False)
+    training.add_dataclass_args(parser, EVEConfig, defaults=False)
+    return {k for k, v in vars(parser.parse_known_args(argv)[0]).items() if v is not None}
+
+
 def main(argv=None):
     args = parse_args(argv)
     fc = FinetuneConfig(**training.pick_fields(args, FinetuneConfig))
@@ -226,14 +278,14 @@ def main(argv=None):
     overrides = {k: v for k, v in overrides.items() if k not in ("num_answers", "nlvr2_head")}  # set by the task
     rank, world, _, device = training.setup_distributed(fc.seed)
     try:
-        return run(resolve_paths(fc, rank, world), overrides, rank, world, device)
+        return run(resolve_paths(fc, rank, world), overrides, rank, world, device, given_flags(argv))
     except data.DataError as e:  # bad rows or images, in training or evaluation: one clean line
         raise training.data_error_exit(e) from None
     finally:
         training.cleanup_distributed()
 
 
-def run(fc, overrides, rank, world, device):
+def run(fc, overrides, rank, world, device, given=frozenset()):
     resume_path, resume = training.load_resume(fc.resume, fc.out_dir, verbose=rank == 0)
     if resume:  # the run's model, vocabulary and answers are the checkpoint's
         if resume.get("finetune_config", {}).get("task") != fc.task:
@@ -241,8 +293,12 @@ def run(fc, overrides, rank, world, device):
         cfg, tokenizer, init = EVEConfig(**resume["config"]), tokenizer_from_state(resume["vocab"]), None
     else:
         cfg, tokenizer, init = base_config(fc, overrides, rank)
+    fc, cfg = apply_recipe(fc, cfg, given, fresh=not resume)
+    if fc.augment not in data.AUGMENTS:
+        raise SystemExit(f"error: --augment must be one of {', '.join(data.AUGMENTS)}, not {fc.augment!r}")
     task = inference.TASKS[fc.task]
-    train_set = task.train_set(fc.train_json, fc.image_root, cfg.image_size, skip_bad=fc.skip_bad)
+    train_set = task.train_set(fc.train_json, fc.image_root, cfg.image_size, skip_bad=fc.skip_bad,
+                               augment=fc.augment, seed=fc.seed)
     if not 0 < fc.train_fraction <= 1:
         raise SystemExit(f"error: --train-fraction must be in (0, 1], not {fc.train_fraction}")
     if fc.train_fraction < 1:  # a fixed subset, whatever the seed, so that seeds vary only the run
@@ -260,7 +316,7 @@ def run(fc, overrides, rank, world, device):
                          f"{fc.batch_size * fc.grad_accum * world}")
     max_steps = fc.max_steps or max(1, round(fc.epochs * steps_per_epoch))
     fc = replace(fc, max_steps=max_steps, save_every=fc.save_every or steps_per_epoch,
-                 warmup_steps=fc.warmup_steps if fc.warmup_steps >= 0 else max_steps // 10)
+                 warmup_steps=fc.warmup_steps if fc.warmup_steps >= 0 else int(max_steps * fc.warmup_ratio))
 
     model = EVE(cfg).to(device)
     if init:

@@ -189,6 +189,8 @@ class EVEConfig:
     itc_temp: float = 0.07  # initial ITC temperature (learned, kept in [0.001, 0.5]); ALBEF/CLIP start at 0.07
     num_answers: int = 0  # VQA classifier outputs; 0 = no VQA head
     nlvr2_head: bool = False  # add the NLVR2 pair classifier
+    nlvr2_biattn: bool = False  # NLVR2 head: bi-attention between the two passes' tokens + attention pooling (official
+    # --biattn, NLVR2BiAttention); False: an MLP on the two text [CLS] (the official default)
     grad_checkpoint: bool = False  # activation checkpointing, per encoder block
 
     @property
@@ -312,6 +314,56 @@ class PixelDecoder(nn.Module):
         return self.pred(self.norm(x))[:, 1:]
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention of one sequence's tokens over another's. The tensor names are those of PyTorch's
+    nn.MultiheadAttention, which official EVE's NLVR2 head uses (in_proj_weight holds the q, k, v projections
+    stacked), so its released weights map by name."""
+
+    def __init__(self, dim, heads, dropout=0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.trunc_normal_(self.in_proj_weight, std=0.02)
+
+    def forward(self, x, context, context_valid):
+        """x: [N, Tq, D] queries, context: [N, Tk, D] keys and values, context_valid: [N, Tk] (False = padding)."""
+        N, Tq, D = x.shape
+        (wq, wk, wv), (bq, bk, bv) = self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)
+        split = lambda t: t.view(N, t.shape[1], self.heads, D // self.heads).transpose(1, 2)  # noqa: E731 (N, nh, T, hs)
+        q, k, v = split(F.linear(x, wq, bq)), split(F.linear(context, wk, bk)), split(F.linear(context, wv, bv))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=context_valid[:, None, None, :],
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(N, Tq, D))
+
+
+class NLVR2BiAttention(nn.Module):
+    """Official EVE's NLVR2 head with bi-attention (its --biattn, after UNITER): every token of the (left image,
+    sentence) pass attends to the (right image, sentence) pass and vice versa; each side is fused with what it read
+    (one shared Linear(2D, D) + ReLU), pooled by learned attention weights, and both pools are classified."""
+
+    def __init__(self, dim, heads, dropout=0.1):
+        super().__init__()
+        self.attn1, self.attn2 = CrossAttention(dim, heads, dropout), CrossAttention(dim, heads, dropout)  # l->r, r->l
+        self.fc = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Dropout(dropout))
+        self.pool = nn.Sequential(nn.Linear(dim, 1), nn.ReLU())  # one pooling score per token
+        self.pool_dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(2 * dim, 2)
+
+    def attention_pool(self, x, valid):
+        """x: [N, T, D], valid: [N, T] -> the softmax(score)-weighted sum of the valid tokens [N, D]."""
+        weights = self.pool(x).squeeze(-1).masked_fill(~valid, float("-inf")).softmax(-1)  # (N, T)
+        return (self.pool_dropout(weights).unsqueeze(1) @ x).squeeze(1)
+
+    def forward(self, left, left_valid, right, right_valid):
+        """left, right: [N, T, D] final hidden states of the two passes, *_valid: [N, T] -> logits [N, 2]."""
+        left_fused = self.fc(torch.cat([self.attn1(left, right, right_valid), left], dim=-1))
+        right_fused = self.fc(torch.cat([self.attn2(right, left, left_valid), right], dim=-1))
+        pooled = [self.attention_pool(left_fused, left_valid), self.attention_pool(right_fused, right_valid)]
+        return self.out(torch.cat(pooled, dim=-1))
+
+
 class EVE(nn.Module):
     def __init__(self, cfg: EVEConfig):
         super().__init__()
@@ -342,7 +394,9 @@ class EVE(nn.Module):
         self.itm_head = nn.Linear(D, 2)
         if cfg.num_answers:
             self.vqa_head = nn.Sequential(nn.Linear(D, 2 * D), nn.LayerNorm(2 * D), nn.GELU(), nn.Linear(2 * D, cfg.num_answers))
-        if cfg.nlvr2_head:
+        if cfg.nlvr2_head and cfg.nlvr2_biattn:
+            self.nlvr2_head = NLVR2BiAttention(D, cfg.heads)
+        elif cfg.nlvr2_head:
             self.nlvr2_head = nn.Sequential(nn.Linear(2 * D, 2 * D), nn.LayerNorm(2 * D), nn.GELU(), nn.Linear(2 * D, 2))
         self.apply(self._init_weights)
         for t in (self.cls_token, self.image_pos, self.decoder.mask_token, self.decoder.pos_embed):
@@ -522,6 +576,10 @@ class EVE(nn.Module):
         return self.vqa_head(cls), stats
 
     def nlvr2_logits(self, image0, image1, text_ids, text_mask):
+        if self.cfg.nlvr2_biattn:  # the whole token sequences of both passes meet in the head
+            left, right = self.encode(image0, text_ids, text_mask), self.encode(image1, text_ids, text_mask)
+            valid = torch.cat([text_mask.new_ones(text_mask.shape[0], left["n_image"]), text_mask], 1).bool()  # (N, S)
+            return self.nlvr2_head(left["hidden"], valid, right["hidden"], valid), left["moe"] + right["moe"]
         left, s0 = self.fused_cls(image0, text_ids, text_mask)
         right, s1 = self.fused_cls(image1, text_ids, text_mask)
         return self.nlvr2_head(torch.cat([left, right], dim=-1)), s0 + s1

@@ -63,6 +63,12 @@ NAME_TABLE = [
     ("mitc_temp", "temp", "as"),
     ("mitm_head.{w}", "itm_head.{w}", "copy"),
     ("output.{j}.{w}", "{head}.{j}.{w}", "copy"),
+    # the NLVR2 bi-attention head (--biattn; model.NLVR2BiAttention): attn1/attn2 are nn.MultiheadAttention there
+    ("attn{j}.in_proj_{w}", "nlvr2_head.attn{j}.in_proj_{w}", "copy"),
+    ("attn{j}.out_proj.{w}", "nlvr2_head.attn{j}.out_proj.{w}", "copy"),
+    ("fc.0.{w}", "nlvr2_head.fc.0.{w}", "copy"),
+    ("attn_pool.fc.0.{w}", "nlvr2_head.pool.0.{w}", "copy"),
+    ("nlvr2_output.{w}", "nlvr2_head.out.{w}", "copy"),
 ]
 # official tensors that are not weights of the encoder this project runs
 SKIPPED = {"backbone.position_ids_vision": "a buffer of position indices",
@@ -108,6 +114,8 @@ def official_config(sd, **overrides):
                  vocab_size=sd["backbone.word_embedding.weight"].shape[0], patch_size=patch, image_size=grid * patch)
     if fc1 is not None:
         found["mlp_ratio"] = fc1.shape[0] / dim
+    if "attn1.in_proj_weight" in sd:  # an NLVR2 model fine-tuned with --biattn
+        found["nlvr2_biattn"] = True
     for name, field in (("itc_vision_proj_head.weight", "itc_dim"), ("mitc_vision_proj_head.weight", "itc_dim")):
         if name in sd:
             found[field] = sd[name].shape[0]

@@ -278,11 +278,12 @@ def test_init_errors(world, pretrained, tmp_path):
     args = data_args(world, "nlvr2") + RUN + ["--out-dir", str(tmp_path)]
     with pytest.raises(SystemExit, match="no such checkpoint file"):
         finetune.main(args + ["--init", str(tmp_path / "nope.pt")])
-    # a model of another size (here a larger image: another position table) does not fit the checkpoint
-    cmd = [sys.executable, "finetune.py"] + [str(a) for a in args] + ["--init", str(pretrained), "--image-size", "64"]
+    # a model of another size (here more text positions) does not fit the checkpoint; another image size does
+    # (the position tables are resized: tests/test_recipe.py)
+    cmd = [sys.executable, "finetune.py"] + [str(a) for a in args] + ["--init", str(pretrained), "--max-text-len", "40"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "does not fit this model" in proc.stderr and "image_pos: checkpoint (1, 17, 64) vs model (1, 65, 64)" in proc.stderr
+    assert "does not fit this model" in proc.stderr and "text_pos.weight: checkpoint (32, 64) vs model (40, 64)" in proc.stderr
 
 
 # ---- the command line with --checkpoint ------------------------------------------------------
