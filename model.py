@@ -181,6 +181,7 @@ class EVEConfig:
     decoder_heads: int = 4  # pixel decoder heads
     image_mask_ratio: float = 0.75  # share of patches removed for MSM
     image_masking: str = "random"  # random (MAE) | block (BEiT, ablation)
+    pos_init: str = "random"  # initial image position tables (encoder, decoder): random (normal, std 0.02) | sincos (2D, MAE)
     norm_pix_loss: bool = False  # per-patch normalised pixel target (MAE)
     mlm_weight: float = 1.0  # weight of the masked-text loss
     itc_dim: int = 128  # ITC projection width
@@ -255,6 +256,20 @@ def resize_image_pos(pos, grid):
     patches = pos[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
     patches = F.interpolate(patches.float(), size=(grid, grid), mode="bicubic", align_corners=False)
     return torch.cat([pos[:, :1], patches.permute(0, 2, 3, 1).flatten(1, 2).to(pos.dtype)], dim=1)  # (1, 1 + grid^2, D)
+
+
+def sincos_2d(dim, side):
+    """MAE's fixed 2D sine-cosine position table for a side x side patch grid: [side*side, dim], row-major. Half
+    of the channels encode the row, half the column, each as sines and cosines of geometric frequencies."""
+    if dim % 4:
+        raise ValueError(f"sincos position embeddings need a width divisible by 4, got {dim}")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
+                                indexing="ij")
+    def encode(coord):  # (side*side,) -> (side*side, dim/2)
+        angles = coord.flatten()[:, None] * freqs[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
 
 
 def gather_with_grad(t):
@@ -401,6 +416,13 @@ class EVE(nn.Module):
         self.apply(self._init_weights)
         for t in (self.cls_token, self.image_pos, self.decoder.mask_token, self.decoder.pos_embed):
             nn.init.normal_(t, std=0.02)
+        if cfg.pos_init == "sincos":  # the patch grid's geometry from the start; [CLS] keeps its random row
+            side = cfg.image_size // cfg.patch_size
+            with torch.no_grad():
+                self.image_pos[0, 1:] = sincos_2d(D, side)
+                self.decoder.pos_embed[0, 1:] = sincos_2d(cfg.decoder_dim, side)
+        elif cfg.pos_init != "random":
+            raise ValueError(f"unknown pos_init {cfg.pos_init!r}: use random or sincos")
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):

@@ -242,3 +242,18 @@ def test_block_without_padding_equals_the_padded_path():
             runs.append([y[:, :S].detach(), xi.grad[:, :S]] + [p.grad.clone() for p in block.parameters()])
         for fast, padded in zip(*runs):
             torch.testing.assert_close(fast, padded, rtol=1e-5, atol=1e-6)
+
+
+def test_sincos_position_tables_by_hand():
+    """MAE's 2D table: channels [0, D/4) sin(row * w_i), [D/4, D/2) cos(row * w_i), then the same for the column,
+    w_i = 10000^(-i / (D/4)); pos_init='sincos' puts it in the encoder's and the decoder's patch rows."""
+    from model import sincos_2d
+    import math
+    table = sincos_2d(16, 3)  # (9, 16); patch 5 is row 1, column 2
+    w = [10000 ** (-i / 4) for i in range(4)]
+    expected = [math.sin(1 * x) for x in w] + [math.cos(1 * x) for x in w] + [math.sin(2 * x) for x in w] + [math.cos(2 * x) for x in w]
+    torch.testing.assert_close(table[5], torch.tensor(expected))
+    model = tiny(pos_init="sincos")
+    torch.testing.assert_close(model.image_pos[0, 1:], sincos_2d(192, 8))
+    torch.testing.assert_close(model.decoder.pos_embed[0, 1:], sincos_2d(model.cfg.decoder_dim, 8))
+    assert model.image_pos[0, 0].abs().max() < 0.2  # [CLS] keeps a small random row
