@@ -1,54 +1,65 @@
-"""The paper's tables in miniature, on the shapes world: pre-train, fine-tune, score, over seeds.
+"""The paper's claims in miniature, on the shapes world: pre-train for equal wall clock, fine-tune, score, over seeds.
 
-Table "objectives" (EVE Table 5 in spirit): no pre-training vs MSM vs ITC+ITM, each pre-trained for
-the SAME wall-clock budget, then fine-tuned identically on VQA, NLVR2 and retrieval.
-Table "architecture": MSM pre-training with the modality-aware MoE vs the MoE without modality routing
-vs multiway FFNs only vs dense FFNs, then the same fine-tuning.
+Tables (each arm pre-trains with pretrain.py for the SAME wall-clock budget, --max-seconds inside pretrain.py,
+then every arm is fine-tuned with the same finetune.py flags and scored on test with the official metrics):
+  objectives    no pre-training vs MSM vs ITC+ITM (EVE's Table 5 in spirit)
+  routing       MSM with the modality-aware MoE vs the same MoE whose router is not told the modality
+  architecture  the MoE vs multiway FFNs only vs dense FFNs (all MSM)
+  claims        objectives + routing (the default): MSM > scratch, MSM >= ITC+ITM, modality-aware >= plain routing
 
-    python ablate.py                                   # both tables, seeds 0 and 1 (46 minutes on 2 CPU cores)
-    python ablate.py --table objectives --seeds 0,1,2  # one table, three seeds
-    python ablate.py --pretrain-seconds 600 --finetune-scale 4   # a longer, less noisy version
+    python ablate.py                                   # the claims, 3 seeds (see DEFAULT_MINUTES below)
+    python ablate.py --table all --seeds 0,1           # every table
+    python ablate.py --pretrain-seconds 600 --vqa-steps 1000 --tasks vqa,nlvr2,retrieval   # longer, less noisy
 
 Each run is its own process (pretrain.py / finetune.py with flags), so the numbers are the ones the README's
-commands give. An equal wall-clock budget is turned into a number of steps per objective by timing a few
-steps of each first (the LR schedule then runs to its end). Results: runs/ablate/results.json and
-results.md (mean, sample standard deviation and every seed's value).
+commands give. Results: runs/ablate/results.json and results.md: per arm the mean, sample standard deviation
+and every seed's value, the pre-training steps and seconds each arm really took, and one line per claim
+saying whether it holds by more than the spread of the seeds.
 """
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import inference
 import training
 
 ROOT = Path(__file__).resolve().parent
-TASKS = {name: task.metric for name, task in inference.TASKS.items()}  # each fine-tuning task's test metric
+DEFAULT_MINUTES = 30  # measured for the defaults below on this project's 2-core CPU (README)
 # arm name -> (pre-training objective or None, model flags)
 TABLES = {
     "objectives": {"scratch": (None, []), "msm": ("msm", []), "itc_itm": ("itc_itm", [])},
-    "architecture": {"moe, modality-aware": ("msm", []), "moe, no modality routing": ("msm", ["--no-modality-routing"]),
-                     "multiway only": ("msm", ["--top-ffn", "multiway"]),
-                     "dense": ("msm", ["--ffn", "dense", "--top-ffn", "dense"])},
+    "routing": {"msm, modality-aware routing": ("msm", []), "msm, no modality routing": ("msm", ["--no-modality-routing"])},
+    "architecture": {"msm, moe": ("msm", []), "msm, multiway only": ("msm", ["--top-ffn", "multiway"]),
+                     "msm, dense": ("msm", ["--ffn", "dense", "--top-ffn", "dense"])},
 }
+TABLES["claims"] = {**TABLES["objectives"], "msm, no modality routing": TABLES["routing"]["msm, no modality routing"]}
+TABLES["defaults"] = {"scratch": (None, []), "msm": ("msm", [])}  # the README's commands, with 0 budgets and steps below
+# the paper's claims: (arm, other arm, strictly better?) as named in the tables; a claim holds when the difference
+# of the means is above (strict) or not below (not strict) minus the larger sample standard deviation of the two
+CLAIMS = {"MSM pre-training > no pre-training": ("msm", "scratch", True),
+          "MSM >= ITC+ITM at equal wall clock": ("msm", "itc_itm", False),
+          "modality-aware routing >= no modality routing": ("msm", "msm, no modality routing", False)}
 
 
 @dataclass
 class AblateConfig:
-    table: str = "all"  # objectives | architecture | all
-    seeds: str = "0,1"  # comma-separated seeds; every arm runs once per seed
-    pretrain_seconds: float = 60.0  # wall-clock budget of each pre-training run (same for every objective)
-    finetune_scale: float = 1.0  # multiplies the fine-tuning steps below (more = less noise, more time)
-    vqa_steps: int = 50  # VQA fine-tuning steps
-    nlvr2_steps: int = 40  # NLVR2 fine-tuning steps
-    retrieval_steps: int = 30  # retrieval fine-tuning steps
+    table: str = "claims"  # claims | objectives | routing | architecture | defaults | all
+    seeds: str = "0,1,2"  # comma-separated seeds; every arm runs once per seed
+    pretrain_seconds: float = 90.0  # wall-clock budget of each pre-training run (the same for every objective); 0 = pretrain.py's own steps
+    tasks: str = "vqa,retrieval"  # fine-tuning tasks, comma-separated: vqa, nlvr2, retrieval
+    vqa_steps: int = 150  # VQA fine-tuning steps (0 = finetune.py's default, as for the other two)
+    nlvr2_steps: int = 150  # NLVR2 fine-tuning steps
+    retrieval_steps: int = 100  # retrieval fine-tuning steps
+    train_fraction: float = 1.0  # share of each task's training rows used (a low-label setting below 1)
     batch_size: int = 64  # pre-training batch
     finetune_batch_size: int = 32  # fine-tuning batch
-    k_test: int = 0  # retrieval: ITM re-ranking depth; 0 = rank by ITC alone (re-ranking would double the run)
+    k_test: int = 0  # retrieval: ITM re-ranking depth; 0 = rank by ITC alone (re-ranking doubles the run); -1 = finetune.py's
     data_dir: str = "data/shapes"  # the shapes world (generated when absent)
     out_dir: str = "runs/ablate"  # every run's folder, results.json and results.md
 
@@ -61,83 +72,113 @@ def run(script, *flags):
         raise SystemExit(f"error: {' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
 
 
-def steps_for_budget(ac, objective, flags, seconds, work):
-    """Optimizer steps that fit in `seconds`: time a few steps of this objective first."""
-    probe = work / f"probe_{objective}"
+def log_rows(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def schedule_steps(ac, objective, flags, work):
+    """How many steps the LR schedule should span: the steps that fit in the budget at this objective's speed,
+    timed over 8 steps, plus a quarter. The budget itself is exact (pretrain.py --max-seconds); this only
+    shapes the warm-up and the cosine, so that every objective's LR has decayed about as far when time is up."""
+    probe = work / f"probe_{objective}{''.join(flags).replace('--', '_')}"
     run("pretrain.py", "--objective", objective, "--max-steps", 8, "--log-every", 1, "--save-every", 1000,
         "--picture-every", 1000, "--batch-size", ac.batch_size, "--data-dir", ac.data_dir, "--out-dir", probe, *flags)
-    rows = [json.loads(line) for line in (probe / "metrics.jsonl").read_text().splitlines()]
-    rate = statistics.median(r["samples_per_s"] for r in rows[3:])  # the first steps include warm-up
-    return max(1, int(seconds * rate / ac.batch_size))
+    rate = statistics.median(r["samples_per_s"] for r in log_rows(probe)[3:] if "samples_per_s" in r)  # past warm-up
+    return max(10, math.ceil(1.25 * ac.pretrain_seconds * rate / ac.batch_size))
 
 
 def run_arm(ac, objective, flags, seed, work, steps):
-    """Pre-train (unless scratch) then fine-tune and test each task; returns {task: test metric}."""
-    init = []
-    t0 = time.time()
+    """Pre-train for the budget (unless scratch), then fine-tune and test each task.
+    Returns ({task: test metric}, pre-training steps done, pre-training seconds measured by pretrain.py)."""
+    init, done_steps, seconds = [], 0, 0.0
     if objective:
-        run("pretrain.py", "--objective", objective, "--max-steps", steps, "--seed", seed, "--batch-size", ac.batch_size,
-            "--warmup-steps", max(1, steps // 10), "--data-dir", ac.data_dir, "--out-dir", work / "pretrain",
-            "--save-every", steps, "--picture-every", steps, *flags)
+        budget = ["--max-steps", steps, "--max-seconds", ac.pretrain_seconds, "--warmup-steps", max(1, steps // 10),
+                  "--save-every", steps, "--picture-every", steps] if ac.pretrain_seconds else []
+        run("pretrain.py", "--objective", objective, "--seed", seed, "--batch-size", ac.batch_size,
+            "--data-dir", ac.data_dir, "--out-dir", work / "pretrain", *budget, *flags)
+        last = [r for r in log_rows(work / "pretrain") if "seconds" in r][-1]  # steps done and seconds trained
+        done_steps, seconds = last["step"], last["seconds"]
         init = ["--init", work / "pretrain" / "last.pt"]
-    pretrain_s = time.time() - t0
     scores = {}
-    for task, metric in TASKS.items():
-        task_steps = max(1, round(getattr(ac, f"{task}_steps") * ac.finetune_scale))
+    for task in ac.tasks.split(","):
         out = work / f"finetune_{task}"
-        run("finetune.py", "--task", task, "--max-steps", task_steps, "--seed", seed,
-            "--batch-size", ac.finetune_batch_size, "--k-test", ac.k_test, "--data-dir", ac.data_dir,
-            "--out-dir", out, *init, *(flags if not init else []))
-        scores[task] = json.loads((out / "results.json").read_text())["test"][metric]
-    return scores, pretrain_s
+        task_steps = getattr(ac, f"{task}_steps")
+        run("finetune.py", "--task", task, *(["--max-steps", task_steps] if task_steps else []), "--seed", seed,
+            "--batch-size", ac.finetune_batch_size, *(["--k-test", ac.k_test] if ac.k_test >= 0 else []),
+            "--train-fraction", ac.train_fraction,
+            "--data-dir", ac.data_dir, "--out-dir", out, *init, *(flags if not init else []))
+        scores[task] = json.loads((out / "results.json").read_text())["test"][inference.TASKS[task].metric]
+    return scores, done_steps, seconds
 
 
-def summarise(results):
-    """Markdown: one row per arm, mean ± sample std over seeds, then the seeds' values."""
+def mean_sd(values):
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(results, tasks):
+    """Markdown: one row per arm, mean ± sample std over seeds and the seeds' values; then the claims."""
     lines = []
     for table, arms in results.items():
-        lines += [f"### {table}", "", "| arm | pre-training steps | " + " | ".join(f"{t} ({m})" for t, m in TASKS.items()) + " |",
-                  "|---|---|" + "---|" * len(TASKS)]
+        lines += [f"### {table}", "", "| arm | pre-training steps (seconds) | " +
+                  " | ".join(f"{t} ({inference.TASKS[t].metric})" for t in tasks) + " |", "|---|---|" + "---|" * len(tasks)]
         for arm, runs in arms.items():
             cells = []
-            for task in TASKS:
+            for task in tasks:
                 values = [r["scores"][task] for r in runs]
-                spread = statistics.stdev(values) if len(values) > 1 else 0.0
-                cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f} ({', '.join(f'{v:.1f}' for v in values)})")
-            steps = runs[0]["pretrain_steps"] or "-"
+                m, sd = mean_sd(values)
+                cells.append(f"{m:.1f} ± {sd:.1f} ({', '.join(f'{v:.1f}' for v in values)})")
+            steps = ", ".join(f"{r['pretrain_steps']} ({r['pretrain_seconds']:.0f})" for r in runs) if runs[0]["pretrain_steps"] else "-"
             lines.append(f"| {arm} | {steps} | " + " | ".join(cells) + " |")
         lines.append("")
-    return "\n".join(lines)
+    arms = {arm: runs for table in results.values() for arm, runs in table.items()}
+    claims = [(name, *claim) for name, claim in CLAIMS.items() if claim[0] in arms and claim[1] in arms]
+    lines += ["### claims", ""] if claims else []
+    for name, a, b, strict in claims:
+        for task in tasks:
+            (ma, sa), (mb, sb) = (mean_sd([r["scores"][task] for r in arms[x]]) for x in (a, b))
+            diff, spread = ma - mb, max(sa, sb)
+            if diff > spread:
+                verdict = "holds"
+            elif diff >= -spread:
+                verdict = "does not hold: equal within the seeds' spread" if strict else "holds (equal within the seeds' spread)"
+            else:
+                verdict = "does not hold: reversed"
+            lines.append(f"- {name}, {task}: {ma:.1f} vs {mb:.1f}, difference {diff:+.1f} "
+                         f"(larger seed spread {spread:.1f}): {verdict}")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_dataclass_args(parser, AblateConfig)
     ac = AblateConfig(**training.pick_fields(parser.parse_args(argv), AblateConfig))
-    tables = list(TABLES) if ac.table == "all" else [ac.table]
+    tables = [t for t in TABLES if t != "claims"] if ac.table == "all" else [ac.table]
     if any(t not in TABLES for t in tables):
         raise SystemExit(f"error: --table must be all or one of {sorted(TABLES)}")
+    tasks = ac.tasks.split(",")
+    if any(t not in inference.TASKS for t in tasks):
+        raise SystemExit(f"error: --tasks must be a comma-separated subset of {sorted(inference.TASKS)}")
     seeds = [int(s) for s in ac.seeds.split(",")]
     out_dir = Path(ac.out_dir)
     t0 = time.time()
-    # the MSM arm with the default architecture is the same run in both tables: run it once
+    # an arm that appears in several tables (MSM with the default model) is run once
     arms = {(objective, tuple(flags)) for t in tables for objective, flags in TABLES[t].values()}
-    steps = {arm: steps_for_budget(ac, arm[0], list(arm[1]), ac.pretrain_seconds, out_dir) if arm[0] else 0
-             for arm in sorted(arms, key=str)}
+    arms = sorted(arms, key=lambda arm: (arm[0] or "", arm[1]))
+    steps = {arm: schedule_steps(ac, arm[0], list(arm[1]), out_dir) if arm[0] and ac.pretrain_seconds else 0
+             for arm in arms}
     done = {}
     for seed in seeds:
-        for arm in sorted(arms, key=str):
+        for arm in arms:
             work = out_dir / f"{arm[0] or 'scratch'}{''.join(arm[1]).replace('--', '_')}" / f"seed{seed}"
-            print(f"[{time.time() - t0:5.0f}s] seed {seed}: {arm[0] or 'scratch'} {' '.join(arm[1])} "
-                  f"({steps[arm]} pre-training steps)", flush=True)
-            scores, seconds = run_arm(ac, arm[0], list(arm[1]), seed, work, steps[arm])
-            done[arm, seed] = dict(seed=seed, scores=scores, pretrain_steps=steps[arm], pretrain_seconds=round(seconds))
+            print(f"[{time.time() - t0:5.0f}s] seed {seed}: {arm[0] or 'scratch'} {' '.join(arm[1])}", flush=True)
+            scores, done_steps, seconds = run_arm(ac, arm[0], list(arm[1]), seed, work, steps[arm])
+            done[arm, seed] = dict(seed=seed, scores=scores, pretrain_steps=done_steps, pretrain_seconds=seconds)
     results = {t: {name: [done[(objective, tuple(flags)), s] for s in seeds] for name, (objective, flags) in TABLES[t].items()}
                for t in tables}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(dict(config=ac.__dict__, results=results,
+    (out_dir / "results.json").write_text(json.dumps(dict(config=asdict(ac), results=results,
                                                           wall_seconds=round(time.time() - t0)), indent=1))
-    table = summarise(results)
+    table = summarise(results, tasks)
     (out_dir / "results.md").write_text(table)
     print(table)
     print(f"{time.time() - t0:.0f}s in all; {out_dir / 'results.json'}")
