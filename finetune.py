@@ -74,6 +74,8 @@ class FinetuneConfig(training.TrainingConfig):
     # color (flip + colour jitter 0.4) | randaug (flip + RandAugment, 2 ops at 7/10; official VQA): data.augment_draws
     k_test: int = 16  # retrieval: ITM re-ranks each query's top k_test ITC candidates (ALBEF: 128/256); 0 = ITC only
     rank: str = "itc+itm"  # retrieval: candidates ranked by itc | itm (ALBEF) | itc+itm (ITC logit + ITM log-odds)
+    objective: str = ""  # what to train: empty = the task's (retrieval: itc_itm, as ALBEF); retrieval also takes itc
+    # (the contrastive loss alone: 2 encoder passes per step instead of 5, no ITM head, so it needs --rank itc)
     seed: int = 0  # data order and new-head init
     save_every: int = 0  # steps between resume checkpoints; 0 = at the end of every epoch
     keep_last: int = 2  # resume checkpoints kept
@@ -274,6 +276,11 @@ def main(argv=None):
         raise SystemExit(f"error: --task must be one of {sorted(inference.TASKS)}, not {fc.task!r}")
     if fc.rank not in inference.RANK_MODES:
         raise SystemExit(f"error: --rank must be one of {', '.join(inference.RANK_MODES)}, not {fc.rank!r}")
+    objectives = {inference.TASKS[fc.task].objective} | ({"itc"} if fc.task == "retrieval" else set())
+    if fc.objective and fc.objective not in objectives:
+        raise SystemExit(f"error: --objective for --task {fc.task} must be one of {sorted(objectives)}, not {fc.objective!r}")
+    if fc.objective == "itc" and fc.rank != "itc" and fc.k_test > 0:
+        raise SystemExit("error: --objective itc trains no ITM head: rank with --rank itc (or --k-test 0)")
     overrides = training.pick_fields(args, EVEConfig, skip_none=True)
     overrides = {k: v for k, v in overrides.items() if k not in ("num_answers", "nlvr2_head")}  # set by the task
     rank, world, _, device = training.setup_distributed(fc.seed)
@@ -321,7 +328,7 @@ def run(fc, overrides, rank, world, device, given=frozenset()):
     model = EVE(cfg).to(device)
     if init:
         load_init(model, init, fc.init, verbose=rank == 0)
-    objective = task.objective
+    objective = fc.objective or task.objective
     model.freeze_unused_heads(objective)
     opt, sched = training.make_optimizer(model, fc, heads=TASK_HEADS[objective], head_lr_mult=fc.head_lr_mult)
     progress = training.restore(resume, resume_path, model, opt, sched, rank, world) if resume else {}

@@ -26,6 +26,7 @@ VISION, TEXT = 0, 1  # modality ids
 # sums their losses and freeze_unused_heads freezes every head none of them uses.
 TASK_HEADS = {"msm": ("decoder", "mlm_transform", "mlm_bias"),  # the paper's masked signal modeling
               "itc_itm": ("itc_image", "itc_text", "temp", "pooler", "itm_head"),  # the contrastive baseline
+              "itc": ("itc_image", "itc_text", "temp"),  # its contrastive half alone (a cheap retrieval objective)
               "mlm": ("mlm_transform", "mlm_bias"),  # masked text with the full image (optional, with itc_itm)
               "vqa": ("vqa_head",), "nlvr2": ("nlvr2_head",)}  # fine-tuning; retrieval fine-tunes with itc_itm
 
@@ -554,9 +555,10 @@ class EVE(nn.Module):
         cls, stats = self.fused_cls(images, text_ids, text_mask)
         return self.itm_head(self.pooler(cls)), stats
 
-    def loss_itc_itm(self, batch):
-        """Image-text contrastive loss over all DDP ranks, then image-text matching on the
-        positives and on one hard negative image per text and one hard negative text per image."""
+    def contrastive(self, batch):
+        """Image-text contrastive loss over all DDP ranks: one image pass and one text pass. Returns the loss, the
+        local ITC embeddings img, txt [B, E], which local pairs are positives of each other [B, B], the temperature
+        and the MoE stats of the two passes."""
         images, ids, tmask = batch["image"], batch["text_ids"], batch["text_mask"]
         B = images.shape[0]
         enc_i, enc_t = self.encode(images=images), self.encode(text_ids=ids, text_mask=tmask)
@@ -571,19 +573,31 @@ class EVE(nn.Module):
         targets = positive.float() / positive.sum(1, keepdim=True)
         temp = self.itc_temperature()
         sim_i2t, sim_t2i = img @ txt_all.t() / temp, txt @ img_all.t() / temp
-        loss_itc = (F.cross_entropy(sim_i2t.float(), targets) + F.cross_entropy(sim_t2i.float(), targets)) / 2
-        # hard negatives from the local batch, never the positive itself
-        with torch.no_grad():
-            local_pos = (pair_ids[:, None] == pair_ids[None, :]) | (keys[:, None] == keys[None, :])
+        loss = (F.cross_entropy(sim_i2t.float(), targets) + F.cross_entropy(sim_t2i.float(), targets)) / 2
+        local_pos = (pair_ids[:, None] == pair_ids[None, :]) | (keys[:, None] == keys[None, :])
+        return loss, img, txt, local_pos, temp, enc_i["moe"] + enc_t["moe"]
+
+    def loss_itc(self, batch):
+        """The contrastive loss alone (a cheaper retrieval objective: two encoder passes per step, not five)."""
+        loss_itc, *_, stats = self.contrastive(batch)
+        return {"loss_itc": loss_itc}, stats, 2
+
+    def loss_itc_itm(self, batch):
+        """The contrastive loss, then image-text matching on the positives and on one hard negative image per
+        text and one hard negative text per image."""
+        images, ids, tmask = batch["image"], batch["text_ids"], batch["text_mask"]
+        B = images.shape[0]
+        loss_itc, img, txt, local_pos, temp, stats = self.contrastive(batch)
+        with torch.no_grad():  # hard negatives from the local batch, never a positive
             neg_img = sample_negatives(txt @ img.t() / temp, local_pos)  # for each text
             neg_txt = sample_negatives(img @ txt.t() / temp, local_pos)  # for each image
         itm_images = torch.cat([images, images[neg_img], images])
         itm_ids = torch.cat([ids, ids, ids[neg_txt]])
         itm_mask = torch.cat([tmask, tmask, tmask[neg_txt]])
-        logits, stats = self.itm_logits(itm_images, itm_ids, itm_mask)
+        logits, itm_stats = self.itm_logits(itm_images, itm_ids, itm_mask)
         labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(images.device)
         loss_itm = F.cross_entropy(logits.float(), labels)
-        return {"loss_itc": loss_itc, "loss_itm": loss_itm}, enc_i["moe"] + enc_t["moe"] + stats, 3
+        return {"loss_itc": loss_itc, "loss_itm": loss_itm}, stats + itm_stats, 3
 
     def loss_mlm(self, batch):
         """Masked text with the FULL image (the optional MLM of the ITC+ITM baseline)."""

@@ -345,3 +345,15 @@ def test_train_fraction_uses_the_same_share_of_rows_for_every_seed(world, tmp_pa
     assert f"vqa: {round(rows / 2)} training rows" in seen[0] and seen[0].split(",")[0] == seen[1].split(",")[0]
     with pytest.raises(SystemExit, match="train-fraction"):
         finetune.main(data_args(world, "vqa") + RUN + ["--train-fraction", "0", "--out-dir", str(tmp_path / "x")])
+
+
+def test_retrieval_with_the_contrastive_objective_alone(world, tmp_path):
+    args = data_args(world, "retrieval") + RUN
+    finetune.main(args + ["--objective", "itc", "--rank", "itc", "--out-dir", str(tmp_path / "itc")])
+    best = torch.load(tmp_path / "itc" / "best.pt", weights_only=False)
+    src = EVE_init = best["model"]["itm_head.weight"]  # frozen: never trained, so it stays at its init
+    assert best["finetune_config"]["objective"] == "itc" and src.shape[0] == 2 and EVE_init is src
+    with pytest.raises(SystemExit, match="trains no ITM head"):
+        finetune.main(args + ["--objective", "itc", "--out-dir", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="must be one of"):
+        finetune.main(data_args(world, "vqa") + RUN + ["--objective", "itc", "--out-dir", str(tmp_path / "y")])

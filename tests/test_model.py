@@ -257,3 +257,14 @@ def test_sincos_position_tables_by_hand():
     torch.testing.assert_close(model.image_pos[0, 1:], sincos_2d(192, 8))
     torch.testing.assert_close(model.decoder.pos_embed[0, 1:], sincos_2d(model.cfg.decoder_dim, 8))
     assert model.image_pos[0, 0].abs().max() < 0.2  # [CLS] keeps a small random row
+
+
+def test_itc_objective_is_the_contrastive_half_of_itc_itm():
+    model = tiny().eval()
+    b = toy_batch()
+    itc = model(b, "itc")
+    both = model(b, "itc_itm")
+    torch.testing.assert_close(itc["loss_itc"], both["loss_itc"])
+    assert "loss_itm" not in itc and torch.isclose(itc["loss"], itc["loss_itc"] + itc["loss_moe"])
+    model.freeze_unused_heads("itc")
+    assert not model.itm_head.weight.requires_grad and model.itc_image.weight.requires_grad
