@@ -357,3 +357,15 @@ def test_retrieval_with_the_contrastive_objective_alone(world, tmp_path):
         finetune.main(args + ["--objective", "itc", "--out-dir", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="must be one of"):
         finetune.main(data_args(world, "vqa") + RUN + ["--objective", "itc", "--out-dir", str(tmp_path / "y")])
+
+
+def test_shapes_defaults_apply_unless_given(world, monkeypatch):
+    """On the shapes world retrieval trains ITC alone and ranks by it, unless --objective or --rank is given."""
+    monkeypatch.setattr(finetune, "shapes_world", lambda folder, rank, world_size: world)
+    fc = finetune.FinetuneConfig(task="retrieval")
+    got = finetune.resolve_paths(fc, 0, 1, given=set())
+    assert (got.objective, got.rank, got.epochs) == ("itc", "itc", finetune.SHAPES_DEFAULTS["retrieval"]["epochs"])
+    mine = finetune.resolve_paths(finetune.FinetuneConfig(task="retrieval", rank="itm"), 0, 1, given={"rank"})
+    assert (mine.objective, mine.rank) == ("", "itm")  # the task's own objective (itc_itm) with the given rank
+    own = finetune.resolve_paths(finetune.FinetuneConfig(task="retrieval", train_json="a", val_json="b", test_json="c"), 0, 1)
+    assert (own.objective, own.rank) == ("", "itc+itm")  # own data keeps ALBEF's recipe
