@@ -35,6 +35,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+import checkpoints  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import inference  # noqa: E402
@@ -197,7 +198,7 @@ def base_config(fc, overrides, rank):
         return make_config(fc.preset, **{"vocab_size": len(given), **overrides}), given, None
     if not Path(fc.init).is_file():
         raise SystemExit(f"error: --init {fc.init}: no such checkpoint file")
-    ckpt = training.load_checkpoint(fc.init)
+    ckpt = checkpoints.load_checkpoint(fc.init)
     released = official.state_dict_of(ckpt)
     if released is not None:  # a released EVE checkpoint: the architecture from its shapes, names mapped in load_init
         if given is None:
@@ -244,7 +245,7 @@ def load_init(model, ckpt, source, verbose=True):
         own = model.state_dict()
         state = {k: resize_image_pos(v, math.isqrt(own[k].shape[1] - 1)) if k in POS_TABLES and k in own else v
                  for k, v in ckpt["model"].items()}
-    missing, unexpected = training.load_model_state(model, state, source, strict=False)
+    missing, unexpected = checkpoints.load_model_state(model, state, source, strict=False)
     if not verbose:
         return
     for what, keys in (("new (randomly initialised)", missing), ("in the checkpoint but not used", unexpected)):
@@ -302,7 +303,7 @@ def main(argv=None):
 
 
 def run(fc, overrides, rank, world, device, given=frozenset()):
-    resume_path, resume = training.load_resume(fc.resume, fc.out_dir, verbose=rank == 0)
+    resume_path, resume = checkpoints.load_resume(fc.resume, fc.out_dir, verbose=rank == 0)
     if resume:  # the run's model, vocabulary and answers are the checkpoint's
         if resume.get("finetune_config", {}).get("task") != fc.task:
             raise SystemExit(f"error: {resume_path} is not a checkpoint of a --task {fc.task} fine-tuning run")
@@ -346,7 +347,7 @@ def run(fc, overrides, rank, world, device, given=frozenset()):
     best_path = out_dir / "best.pt"
     best = {"metric": -math.inf, "step": 0, "val": None}  # the val score of best.pt
     if resume:  # best.pt may be newer than the resume checkpoint
-        best = training.load_checkpoint(best_path)["best"] if best_path.exists() else resume["best"]
+        best = checkpoints.load_checkpoint(best_path)["best"] if best_path.exists() else resume["best"]
     log = training.MetricsLog(out_dir / "metrics.jsonl", enabled=rank == 0)
 
     def state():  # what every checkpoint holds besides the weights and the optimizer
@@ -374,7 +375,7 @@ def run(fc, overrides, rank, world, device, given=frozenset()):
             print(f"\nval at step {step} (epoch {step / steps_per_epoch:.2f}): {key} {metrics.get(key, math.nan):.2f}")
             if key not in metrics or metrics[key] > best["metric"]:  # no score (VQA val without answers): the latest
                 best.update(metric=metrics.get(key, -math.inf), step=step, val=metrics)
-                training.atomic_save(dict(model=model.state_dict(), step=step, **state()), best_path)
+                checkpoints.atomic_save(dict(model=model.state_dict(), step=step, **state()), best_path)
             model.train()
         if world > 1:
             dist.barrier()
@@ -387,7 +388,7 @@ def run(fc, overrides, rank, world, device, given=frozenset()):
     if rank != 0 or step < max_steps:  # stopped by a signal: no test yet
         return None
     fit_s = time.time() - t0
-    training.load_model_state(model, training.load_checkpoint(best_path)["model"], best_path)
+    checkpoints.load_model_state(model, checkpoints.load_checkpoint(best_path)["model"], best_path)
     test = score("test", step)
     results = {"task": fc.task, "checkpoint": str(best_path), "best_step": best["step"], "val": best["val"],
                "test": test, "fit_seconds": round(fit_s), "test_seconds": round(time.time() - t0 - fit_s)}

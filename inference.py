@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import data
 import training
 from evaluate import human_answers, nlvr2_accuracy, nlvr2_consistency, retrieval_recall, vqa_accuracy
@@ -200,10 +201,10 @@ def evaluate_split(task, model, tokenizer, json_path, image_root, device, answer
 
 def load_finetuned(path, device):
     """(model, tokenizer, checkpoint) of a finetune.py checkpoint (best.pt or last.pt), weights loaded strictly."""
-    ckpt = training.load_checkpoint(path)
+    ckpt = checkpoints.load_checkpoint(path)
     if "finetune_config" not in ckpt:
         raise ValueError(f"{path} is not a finetune.py checkpoint (no 'finetune_config'; a pretrain.py "
                          f"checkpoint has no task head: fine-tune it first)")
     model = EVE(EVEConfig(**ckpt["config"])).to(device)
-    training.load_model_state(model, ckpt["model"], path)
+    checkpoints.load_model_state(model, ckpt["model"], path)
     return model, tokenizer_from_state(ckpt["vocab"]), ckpt

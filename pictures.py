@@ -187,6 +187,7 @@ def save_routing(path, images, text_ids, text_mask, experts, tokenizer, cfg, sca
 
 def main(argv=None):
     from model import EVE, EVEConfig  # the command needs the model; the drawing functions above do not
+    import checkpoints
     import training
     from tokenization import tokenizer_from_state
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,10 +198,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="which masks (reconstruction picture)")
     parser.add_argument("--out-dir", help="where to write the PNGs (default: the checkpoint's folder)")
     args = parser.parse_args(argv)
-    ckpt = training.load_checkpoint(args.checkpoint)
+    ckpt = checkpoints.load_checkpoint(args.checkpoint)
     cfg, tc = EVEConfig(**ckpt["config"]), ckpt.get("train_config", {})
     model = EVE(cfg)
-    training.load_model_state(model, ckpt["model"], args.checkpoint)
+    checkpoints.load_model_state(model, ckpt["model"], args.checkpoint)
     tokenizer = tokenizer_from_state(ckpt["vocab"])
     json_path = args.json or tc.get("train_json") or str(Path(tc.get("data_dir", "data/shapes")) / "pretrain.json")
     image_root = args.image_root or tc.get("image_root") or str(Path(json_path).parent)

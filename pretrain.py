@@ -26,6 +26,7 @@ from pathlib import Path
 # imports below, because PyTorch reads it at its first CPU allocation and importing data.py makes one.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+import checkpoints  # noqa: E402
 import data  # noqa: E402
 import pictures  # noqa: E402
 import training  # noqa: E402
@@ -100,7 +101,7 @@ def main(argv=None):
 
 def run(tc, model_overrides, rank, world, device):
     tokenizer, json_path, image_root = build_data(tc, rank, world)
-    ckpt_path, ckpt = training.load_resume(tc.resume, tc.out_dir, verbose=rank == 0)
+    ckpt_path, ckpt = checkpoints.load_resume(tc.resume, tc.out_dir, verbose=rank == 0)
     if ckpt:  # the run's model is the checkpoint's; flags cannot change it midway
         cfg = EVEConfig(**ckpt["config"])
         if ckpt["vocab"] != tokenizer.state:

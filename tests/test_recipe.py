@@ -15,6 +15,7 @@ import data
 import finetune
 import official
 import pretrain
+import checkpoints
 import training
 from conftest import TINY_MODEL_FLAGS
 from model import EVE, CrossAttention, NLVR2BiAttention, make_config
@@ -101,7 +102,7 @@ def test_own_checkpoint_pretrained_at_32px_finetunes_at_48px(small_world, tmp_pa
     pretrain.main(["--train-json", str(w["pretrain"]), "--image-root", str(w["root"]), "--vocab", str(w["vocab"]),
                    "--out-dir", str(tmp_path / "pt"), "--max-steps", "1", "--batch-size", "4", "--num-workers", "0"]
                   + TINY_MODEL_FLAGS)
-    ckpt = training.load_checkpoint(tmp_path / "pt" / "last.pt")
+    ckpt = checkpoints.load_checkpoint(tmp_path / "pt" / "last.pt")
     model = EVE(replace(finetune.EVEConfig(**ckpt["config"]), image_size=48))
     finetune.load_init(model, ckpt, "last.pt", verbose=False)
     for name, ours in (("image_pos", model.image_pos), ("decoder.pos_embed", model.decoder.pos_embed)):

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import data
 import pretrain
 import tokenization
-import training
 from conftest import ROOT, TINY_MODEL_FLAGS
 from model import EVE, make_config
 
@@ -119,7 +119,7 @@ def test_checkpoint_of_another_preset_lists_mismatched_tensors():
     small = EVE(make_config("tiny", vocab_size=50, dim=64, depth=2, heads=2, num_experts=4))
     other = EVE(make_config("tiny", vocab_size=60, dim=64, depth=2, heads=2, num_experts=4))
     with pytest.raises(SystemExit, match=r"(?s)does not fit.*word_embed.weight: checkpoint \(60, 64\) vs model \(50, 64\)"):
-        training.load_model_state(small, other.state_dict(), "other.pt")
+        checkpoints.load_model_state(small, other.state_dict(), "other.pt")
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_world, tmp_path, monkeypatch):
@@ -141,7 +141,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_world, tmp_path
 
 
 def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    training.save_checkpoint(tmp_path, 1, {"step": 1})
+    checkpoints.save_checkpoint(tmp_path, 1, {"step": 1})
     real_save = torch.save
 
     def dying_save(obj, f):  # write half a file, then die as a kill would
@@ -153,12 +153,12 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        training.save_checkpoint(tmp_path, 2, {"step": 2, "big": torch.zeros(1000)})
+        checkpoints.save_checkpoint(tmp_path, 2, {"step": 2, "big": torch.zeros(1000)})
     monkeypatch.undo()
     assert torch.load(tmp_path / "last.pt")["step"] == 1
     assert not (tmp_path / "ckpt_0000002.pt").exists()
     for step in range(2, 7):  # the last K are kept
-        training.save_checkpoint(tmp_path, step, {"step": step}, keep_last=3)
+        checkpoints.save_checkpoint(tmp_path, step, {"step": step}, keep_last=3)
     assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == [f"ckpt_000000{s}.pt" for s in (4, 5, 6)]
 
 
