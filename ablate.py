@@ -10,6 +10,8 @@ then every arm is fine-tuned with the same finetune.py flags and scored on test 
     python ablate.py                                   # the claims, 3 seeds (see DEFAULT_MINUTES below)
     python ablate.py --table all --seeds 0,1           # every table
     python ablate.py --pretrain-seconds 600 --vqa-steps 1000 --tasks vqa,nlvr2,retrieval   # longer, less noisy
+    python ablate.py --table defaults --pretrain-seconds 0 --vqa-steps 0 --nlvr2-steps 0 --retrieval-steps 0 \
+        --tasks vqa,nlvr2,retrieval --k-test -1        # the README's default commands, pre-training included, per seed
 
 Each run is its own process (pretrain.py / finetune.py with flags), so the numbers are the ones the README's
 commands give. Results: runs/ablate/results.json and results.md: per arm the mean, sample standard deviation
@@ -30,7 +32,7 @@ import inference
 import training
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_MINUTES = 30  # measured for the defaults below on this project's 2-core CPU (README)
+DEFAULT_MINUTES = 35  # estimated from the step times of each stage on this project's 2-core CPU (README), not yet timed
 # arm name -> (pre-training objective or None, model flags)
 TABLES = {
     "objectives": {"scratch": (None, []), "msm": ("msm", []), "itc_itm": ("itc_itm", [])},
@@ -51,11 +53,11 @@ CLAIMS = {"MSM pre-training > no pre-training": ("msm", "scratch", True),
 class AblateConfig:
     table: str = "claims"  # claims | objectives | routing | architecture | defaults | all
     seeds: str = "0,1,2"  # comma-separated seeds; every arm runs once per seed
-    pretrain_seconds: float = 90.0  # wall-clock budget of each pre-training run (the same for every objective); 0 = pretrain.py's own steps
+    pretrain_seconds: float = 60.0  # wall-clock budget of each pre-training run (the same for every objective); 0 = pretrain.py's own steps
     tasks: str = "vqa,retrieval"  # fine-tuning tasks, comma-separated: vqa, nlvr2, retrieval
-    vqa_steps: int = 150  # VQA fine-tuning steps (0 = finetune.py's default, as for the other two)
-    nlvr2_steps: int = 150  # NLVR2 fine-tuning steps
-    retrieval_steps: int = 100  # retrieval fine-tuning steps
+    vqa_steps: int = 100  # VQA fine-tuning steps (0 = finetune.py's default, as for the other two)
+    nlvr2_steps: int = 100  # NLVR2 fine-tuning steps
+    retrieval_steps: int = 60  # retrieval fine-tuning steps
     train_fraction: float = 1.0  # share of each task's training rows used (a low-label setting below 1)
     batch_size: int = 64  # pre-training batch
     finetune_batch_size: int = 32  # fine-tuning batch
