@@ -44,14 +44,21 @@ def expert_colours(n):
 
 # ---- reconstructions ---------------------------------------------------------------------
 
+def in_pixels(pred, target, cfg):
+    """The decoder's prediction [N, L, p*p*3] in pixels: a norm_pix_loss prediction is per-patch normalised, so
+    it is undone with the true patches' (target's) mean and variance, as MAE shows it."""
+    if not cfg.norm_pix_loss:
+        return pred.float()
+    mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+    return pred.float() * (var + 1e-6) ** 0.5 + mean
+
+
 def reconstruct(images, pred, mask, cfg):
     """(masked, reconstruction) images [N, 3, H, W]: removed patches grey (0) / predicted, visible ones pasted
-    back as MAE shows them. A norm_pix_loss prediction is per-patch normalised: undone with the true stats."""
+    back as MAE shows them."""
     p = cfg.patch_size
     target = patchify(images, p)  # (N, L, p*p*3)
-    if cfg.norm_pix_loss:
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        pred = pred * (var + 1e-6) ** 0.5 + mean
+    pred = in_pixels(pred, target, cfg)
     m = mask.unsqueeze(-1)
     return unpatchify(target * (1 - m), p), unpatchify(pred * m + target * (1 - m), p)
 
@@ -76,16 +83,14 @@ def foreground_ratio(images, pred, mask, cfg, threshold=0.5):
     images: [N, 3, H, W], pred: [N, L, p*p*3], mask: [N, L] with 1 = removed. Returns a float (nan if no such patch)."""
     p = cfg.patch_size
     target = patchify(images.float(), p)  # (N, L, p*p*3), pixel order (p, p, 3)
-    if cfg.norm_pix_loss:  # bring the per-patch normalised prediction back to pixels
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        pred = pred.float() * (var + 1e-6) ** 0.5 + mean
+    pred = in_pixels(pred, target, cfg)
     background = images.float().flatten(2).median(-1).values  # (N, 3)
     pixels = target.view(*target.shape[:2], p * p, 3)
     deviation = pixels - background[:, None, None, :]  # (N, L, p*p, 3)
     shown = (deviation.abs().amax(-1) > threshold).any(-1) & mask.bool()  # (N, L) removed patches with object pixels
     if not shown.any():
         return float("nan")
-    model_loss = ((pred.float() - target) ** 2).mean(-1)[shown].mean()
+    model_loss = ((pred - target) ** 2).mean(-1)[shown].mean()
     background_loss = (deviation ** 2).mean((-1, -2))[shown].mean()
     return (model_loss / background_loss).item()
 
