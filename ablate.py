@@ -53,9 +53,9 @@ CLAIMS = {"MSM pre-training > no pre-training": ("msm", "scratch", True),
 class AblateConfig:
     table: str = "claims"  # claims | objectives | routing | architecture | defaults | all
     seeds: str = "0,1,2"  # comma-separated seeds; every arm runs once per seed
-    pretrain_seconds: float = 60.0  # wall-clock budget of each pre-training run (the same for every objective); 0 = pretrain.py's own steps
+    pretrain_seconds: float = 45.0  # wall-clock budget of each pre-training run (the same for every objective); 0 = pretrain.py's own steps
     tasks: str = "vqa,retrieval"  # fine-tuning tasks, comma-separated: vqa, nlvr2, retrieval
-    vqa_steps: int = 100  # VQA fine-tuning steps (0 = finetune.py's default, as for the other two)
+    vqa_steps: int = 60  # VQA fine-tuning steps (0 = finetune.py's default, as for the other two)
     nlvr2_steps: int = 100  # NLVR2 fine-tuning steps
     retrieval_steps: int = 60  # retrieval fine-tuning steps
     train_fraction: float = 1.0  # share of each task's training rows used (a low-label setting below 1)

@@ -360,12 +360,15 @@ def test_retrieval_with_the_contrastive_objective_alone(world, tmp_path):
 
 
 def test_shapes_defaults_apply_unless_given(world, monkeypatch):
-    """On the shapes world retrieval trains ITC alone and ranks by it, unless --objective or --rank is given."""
+    """On the shapes world retrieval trains ITC alone at lr 2e-4 and ranks by it, unless those flags are given."""
     monkeypatch.setattr(finetune, "shapes_world", lambda folder, rank, world_size: world)
     fc = finetune.FinetuneConfig(task="retrieval")
     got = finetune.resolve_paths(fc, 0, 1, given=set())
-    assert (got.objective, got.rank, got.epochs) == ("itc", "itc", finetune.SHAPES_DEFAULTS["retrieval"]["epochs"])
+    assert (got.objective, got.rank, got.epochs, got.lr) == ("itc", "itc", finetune.SHAPES_DEFAULTS["retrieval"]["epochs"], 2e-4)
     mine = finetune.resolve_paths(finetune.FinetuneConfig(task="retrieval", rank="itm"), 0, 1, given={"rank"})
-    assert (mine.objective, mine.rank) == ("", "itm")  # the task's own objective (itc_itm) with the given rank
+    assert (mine.objective, mine.rank, mine.lr) == ("", "itm", 2e-4)  # the task's own objective (itc_itm), the given rank
+    fast = finetune.resolve_paths(finetune.FinetuneConfig(task="retrieval", lr=1e-3), 0, 1, given={"lr"})
+    assert (fast.objective, fast.lr) == ("itc", 1e-3)  # a given --lr wins; the others still apply
+    assert finetune.resolve_paths(finetune.FinetuneConfig(task="vqa"), 0, 1, given=set()).lr == 5e-4
     own = finetune.resolve_paths(finetune.FinetuneConfig(task="retrieval", train_json="a", val_json="b", test_json="c"), 0, 1)
     assert (own.objective, own.rank) == ("", "itc+itm")  # own data keeps ALBEF's recipe
