@@ -32,7 +32,7 @@ import inference
 import training
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_MINUTES = 35  # estimated from the step times of each stage on this project's 2-core CPU (README), not yet timed
+DEFAULT_MINUTES = 25  # measured: python ablate.py alone on the 2-core AMD EPYC (README, assets/ablate_claims.md)
 # arm name -> (pre-training objective or None, model flags)
 TABLES = {
     "objectives": {"scratch": (None, []), "msm": ("msm", []), "itc_itm": ("itc_itm", [])},
@@ -54,8 +54,8 @@ class AblateConfig:
     table: str = "claims"  # claims | objectives | routing | architecture | defaults | all
     seeds: str = "0,1,2"  # comma-separated seeds; every arm runs once per seed
     pretrain_seconds: float = 45.0  # wall-clock budget of each pre-training run (the same for every objective); 0 = pretrain.py's own steps
-    tasks: str = "vqa,retrieval"  # fine-tuning tasks, comma-separated: vqa, nlvr2, retrieval
-    vqa_steps: int = 60  # VQA fine-tuning steps (0 = finetune.py's default, as for the other two)
+    tasks: str = "vqa"  # fine-tuning tasks, comma-separated: vqa, nlvr2, retrieval
+    vqa_steps: int = 150  # VQA fine-tuning steps (0 = finetune.py's default, as for the other two)
     nlvr2_steps: int = 100  # NLVR2 fine-tuning steps
     retrieval_steps: int = 60  # retrieval fine-tuning steps
     train_fraction: float = 1.0  # share of each task's training rows used (a low-label setting below 1)
