@@ -87,7 +87,7 @@ class FinetuneConfig(training.TrainingConfig):
 # Each task's defaults on the shapes world with the tiny preset, sized for at most 5 minutes on 2 CPU cores (README:
 # "Fine-tuning and evaluation", measured). A flag given on the command line wins. Retrieval trains the contrastive
 # loss alone and ranks by it: a step is 2 encoder passes instead of ITC+ITM's 5, so that 5 minutes hold 4x the steps.
-# Retrieval's lr: at 5e-4 three seeds gave r_mean 25.8, 53.1, 74.5; at 2e-4 seeds 0 and 1 gave 62.7, 61.6 (README).
+# Retrieval's lr is 2e-4: at VQA's 5e-4 its seeds were erratic (README: "Retrieval's learning rate").
 SHAPES_DEFAULTS = {"vqa": dict(epochs=1.0), "nlvr2": dict(epochs=4.0),
                    "retrieval": dict(epochs=0.64, objective="itc", rank="itc", lr=2e-4)}
 # The official EVE fine-tuning recipe (github ssyze/EVE: configs/VQA_beit_480_vg.yaml, NLVR_vit_lrtest_5e-5.yaml,

@@ -28,7 +28,7 @@ TASK_HEADS = {"msm": ("decoder", "mlm_transform", "mlm_bias"),  # the paper's ma
               "itc_itm": ("itc_image", "itc_text", "temp", "pooler", "itm_head"),  # the contrastive baseline
               "itc": ("itc_image", "itc_text", "temp"),  # its contrastive half alone (a cheap retrieval objective)
               "mlm": ("mlm_transform", "mlm_bias"),  # masked text with the full image (optional, with itc_itm)
-              "vqa": ("vqa_head",), "nlvr2": ("nlvr2_head",)}  # fine-tuning; retrieval fine-tunes with itc_itm
+              "vqa": ("vqa_head",), "nlvr2": ("nlvr2_head",)}  # fine-tuning; retrieval fine-tunes with itc_itm or itc
 
 
 def drop_path(x, p, training):
