@@ -78,6 +78,8 @@ class FinetuneConfig(training.TrainingConfig):
     objective: str = ""  # what to train: empty = the task's (retrieval: itc_itm, as ALBEF); retrieval also takes itc
     # (the contrastive loss alone: 2 encoder passes per step instead of 5, no ITM head, so it needs --rank itc)
     seed: int = 0  # data order and new-head init
+    eval_every: int = 0  # steps between val evaluations (each may update best.pt); 0 = after every epoch. The last
+    # step is always evaluated
     save_every: int = 0  # steps between resume checkpoints; 0 = at the end of every epoch
     keep_last: int = 2  # resume checkpoints kept
     resume: str = ""  # auto | path of a checkpoint of this fine-tuning run (a torchrun restart continues by itself)
@@ -370,7 +372,7 @@ def run(fc, overrides, rank, world, device, given=frozenset()):
         return metrics
 
     def after_step(step, batch, out):
-        if step % steps_per_epoch and step != max_steps:
+        if step % (fc.eval_every or steps_per_epoch) and step != max_steps:
             return
         if rank == 0:  # one process evaluates the whole split; the others wait below
             metrics = score("val", step)

@@ -1,4 +1,8 @@
-"""ablate.py's summary: means, sample spreads and the verdict on each claim, against hand-made results."""
+"""ablate.py: the summary's means, sample spreads and verdicts against hand-made results; which runs it starts."""
+import json
+import os
+from pathlib import Path
+
 import ablate
 
 
@@ -24,3 +28,52 @@ def test_strict_claim_within_spread_does_not_hold():
     results = {"objectives": {"scratch": arm([60.0, 62.0]), "msm": arm([61.0, 61.5], 10)}}
     line = [x for x in ablate.summarise(results, ["vqa"]).splitlines() if x.startswith("- ")][0]
     assert line.endswith("does not hold: equal within the seeds' spread")
+
+
+def fake_runs(monkeypatch):
+    """Replace the pretrain.py / finetune.py processes by stand-ins that write what the real ones write and
+    record each call: (script, seed, init checkpoint or None, threads)."""
+    calls = []
+
+    def run(script, *flags, threads=0):
+        flags = [str(f) for f in flags]
+        value = lambda name: flags[flags.index(name) + 1] if name in flags else None  # noqa: E731
+        out = Path(value("--out-dir"))
+        out.mkdir(parents=True, exist_ok=True)
+        calls.append((script, value("--seed"), value("--init"), threads))
+        if script == "pretrain.py":  # 8 logged steps at 100 samples/s, then the step and seconds done
+            rows = [{"step": i, "samples_per_s": 100.0} for i in range(8)] + [{"step": 40, "seconds": 30.0}]
+            (out / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
+        else:
+            score = 60.0 + int(value("--seed")) + (5.0 if value("--init") else 0.0)
+            (out / "results.json").write_text(json.dumps({"test": {"vqa_accuracy": score}}))
+
+    monkeypatch.setattr(ablate, "run", run)
+    return calls
+
+
+def test_each_arm_pretrains_once_and_every_seed_fine_tunes_from_it(monkeypatch, tmp_path):
+    calls = fake_runs(monkeypatch)
+    ablate.main(["--table", "objectives", "--seeds", "3,4,5", "--pretrain-seconds", "30", "--jobs", "2",
+                 "--out-dir", str(tmp_path)])
+    budgeted = [c for c in calls if c[0] == "pretrain.py" and c[1] is not None]  # not the schedule probes
+    assert sorted(c[1] for c in budgeted) == ["3", "3"]  # msm and itc_itm, each once, with the first seed
+    tunes = [c for c in calls if c[0] == "finetune.py"]
+    assert len(tunes) == 9 and {c[3] for c in tunes} == {max(1, (os.cpu_count() or 1) // 2)}
+    inits = {c[2] for c in tunes if c[2]}
+    assert inits == {str(tmp_path / "msm" / "seed3" / "pretrain" / "last.pt"),
+                     str(tmp_path / "itc_itm" / "seed3" / "pretrain" / "last.pt")}
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("Each arm pre-trained once (seed 3)")
+    assert "| scratch | - | 64.0 ± 1.0 (63.0, 64.0, 65.0) |" in text  # 60 + fine-tuning seed (+ 5 from a checkpoint)
+    assert "| msm | 40 (30), 40 (30), 40 (30) | 69.0 ± 1.0 (68.0, 69.0, 70.0) |" in text
+
+
+def test_pretrain_per_seed(monkeypatch, tmp_path):
+    calls = fake_runs(monkeypatch)
+    ablate.main(["--table", "objectives", "--seeds", "0,1", "--pretrain-seconds", "30", "--pretrain-per-seed",
+                 "--out-dir", str(tmp_path)])
+    assert sorted(c[1] for c in calls if c[0] == "pretrain.py" and c[1] is not None) == ["0", "0", "1", "1"]
+    assert {c[2] for c in calls if c[0] == "finetune.py" and c[1] == "1" and c[2]} == {
+        str(tmp_path / "msm" / "seed1" / "pretrain" / "last.pt"), str(tmp_path / "itc_itm" / "seed1" / "pretrain" / "last.pt")}
+    assert not (tmp_path / "results.md").read_text().startswith("Each arm pre-trained once")

@@ -372,3 +372,14 @@ def test_shapes_defaults_apply_unless_given(world, monkeypatch):
     assert finetune.resolve_paths(finetune.FinetuneConfig(task="vqa"), 0, 1, given=set()).lr == 5e-4
     own = finetune.resolve_paths(finetune.FinetuneConfig(task="retrieval", train_json="a", val_json="b", test_json="c"), 0, 1)
     assert (own.objective, own.rank) == ("", "itc+itm")  # own data keeps ALBEF's recipe
+
+
+def test_eval_every_sets_the_val_steps(world, tmp_path):
+    """Val after every --eval-every steps and at the last step; by default after every epoch (72 rows / 8 = 9 steps)."""
+    def val_steps(*flags):
+        out = tmp_path / "_".join(flags or ("default",))
+        finetune.main(data_args(world, "vqa") + MODEL + RUN + ["--max-steps", "11", "--out-dir", str(out), *flags])
+        return [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r.get("split") == "val"]
+
+    assert val_steps("--eval-every", "4") == [4, 8, 11]
+    assert val_steps() == [9, 11]
