@@ -1,17 +1,19 @@
 """The paper's claims in miniature, on the shapes world: pre-train for equal wall clock, fine-tune, score, over seeds.
 
 Tables (each arm pre-trains with pretrain.py for the SAME wall-clock budget, --max-seconds inside pretrain.py,
-then every arm is fine-tuned with the same finetune.py flags and scored on test with the official metrics):
+alone on the machine; then every arm is fine-tuned once per seed with the same finetune.py flags, --jobs runs
+at a time, and scored on test with the official metrics):
   objectives    no pre-training vs MSM vs ITC+ITM (EVE's Table 5 in spirit)
   routing       MSM with the modality-aware MoE vs the same MoE whose router is not told the modality
   architecture  the MoE vs multiway FFNs only vs dense FFNs (all MSM)
   claims        objectives + routing (the default): MSM > scratch, MSM >= ITC+ITM, modality-aware >= plain routing
 
-    python ablate.py                                   # the claims, 3 seeds (see DEFAULT_MINUTES below)
+    python ablate.py                                   # the claims, 3 fine-tuning seeds (see DEFAULT_MINUTES below)
+    python ablate.py --pretrain-per-seed               # every seed pre-trains anew too (3x the pre-training time)
     python ablate.py --table all --seeds 0,1           # every table
-    python ablate.py --pretrain-seconds 600 --vqa-steps 1000 --tasks vqa,nlvr2,retrieval   # longer, less noisy
+    python ablate.py --pretrain-seconds 600 --vqa-steps 1000 --train-fraction 1 --tasks vqa,nlvr2,retrieval   # all labels
     python ablate.py --table defaults --pretrain-seconds 0 --vqa-steps 0 --nlvr2-steps 0 --retrieval-steps 0 \
-        --tasks vqa,nlvr2,retrieval --k-test -1        # the README's default commands, pre-training included, per seed
+        --train-fraction 1 --tasks vqa,nlvr2,retrieval --k-test -1 --pretrain-per-seed   # the README's default commands
 
 Each run is its own process (pretrain.py / finetune.py with flags), so the numbers are the ones the README's
 commands give. Results: runs/ablate/results.json and results.md: per arm the mean, sample standard deviation
@@ -34,7 +36,7 @@ import inference
 import training
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_MINUTES = 25  # measured: python ablate.py alone on the 2-core AMD EPYC (README, assets/ablate_claims.md)
+DEFAULT_MINUTES = 27  # measured: python ablate.py alone on the 2-core AMD EPYC (README, assets/ablate_claims.md)
 # arm name -> (pre-training objective or None, model flags)
 TABLES = {
     "objectives": {"scratch": (None, []), "msm": ("msm", []), "itc_itm": ("itc_itm", [])},

@@ -135,7 +135,7 @@ class MoE(nn.Module):
         first_expert [N] (each token's first-choice expert, whether or not capacity dropped it).
         """
         N, D = x.shape
-        E, k, M = self.num_experts, self.top_k, self.num_modalities
+        E, k = self.num_experts, self.top_k
 
         if self.embed_to_experts and self.modality_embed is not None:
             # official EVE dispatches the router's input: the experts see x + modality embedding too

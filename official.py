@@ -182,7 +182,7 @@ def convert(sd, model, source="the checkpoint", verbose=True):
     lacking = [f"  {k}" for k in own if not is_head(k) and filled.get(k, 0) < parts.get(k, 1)]
     if unmapped or lacking:
         raise SystemExit(f"error: {source} does not map onto this model (official.py NAME_TABLE):\n"
-                         + (f"checkpoint tensors with no place here:\n" + "\n".join(unmapped) + "\n" if unmapped else "")
+                         + ("checkpoint tensors with no place here:\n" + "\n".join(unmapped) + "\n" if unmapped else "")
                          + ("tensors of this model the checkpoint does not fill:\n" + "\n".join(lacking) if lacking else ""))
     if verbose:
         print(f"official EVE checkpoint {source}: {sum(filled.values())} tensors mapped onto {len(out)} of ours")
