@@ -194,6 +194,8 @@ def main(argv=None):
                    for seed in seeds for arm in arms for task in tasks}
         scores = {}
         for future in as_completed(futures):
+            if future.exception():  # a failed run stops the ablation: the runs not started yet are dropped
+                pool.shutdown(cancel_futures=True)
             arm, seed, task = futures[future]
             scores[arm, seed, task] = future.result()
             say(f"fine-tuned {arm[0] or 'scratch'} {' '.join(arm[1])} seed {seed}: {task} {scores[arm, seed, task]:.1f}")

@@ -1,7 +1,10 @@
 """ablate.py: the summary's means, sample spreads and verdicts against hand-made results; which runs it starts."""
 import json
 import os
+import time
 from pathlib import Path
+
+import pytest
 
 import ablate
 
@@ -77,3 +80,22 @@ def test_pretrain_per_seed(monkeypatch, tmp_path):
     assert {c[2] for c in calls if c[0] == "finetune.py" and c[1] == "1" and c[2]} == {
         str(tmp_path / "msm" / "seed1" / "pretrain" / "last.pt"), str(tmp_path / "itc_itm" / "seed1" / "pretrain" / "last.pt")}
     assert not (tmp_path / "results.md").read_text().startswith("Each arm pre-trained once")
+
+
+def test_a_failed_fine_tuning_stops_the_rest(monkeypatch, tmp_path):
+    calls = fake_runs(monkeypatch)
+    stand_in = ablate.run
+
+    def first_fails(script, *flags, threads=0):
+        stand_in(script, *flags, threads=threads)
+        if script == "finetune.py":
+            if sum(c[0] == "finetune.py" for c in calls) == 1:
+                raise SystemExit("error: finetune.py failed")
+            time.sleep(0.5)  # the others take a while, as real runs do
+
+    monkeypatch.setattr(ablate, "run", first_fails)
+    with pytest.raises(SystemExit, match="finetune.py failed"):
+        ablate.main(["--table", "objectives", "--seeds", "0,1,2", "--pretrain-seconds", "30", "--jobs", "1",
+                     "--out-dir", str(tmp_path)])
+    # the failed run and at most the one the worker had already taken, not all 9
+    assert len([c for c in calls if c[0] == "finetune.py"]) <= 2
