@@ -163,7 +163,7 @@ def retrieval_scores(model, dataset, tokenizer, k_test, device, batch_size=64, n
         bar.close()
         return out[where]
 
-    i2t, t2i = rerank_topk(sim, k_test, itm_scores, rank, float(model.itc_temperature()))
+    i2t, t2i = rerank_topk(sim, k_test, itm_scores, rank, float(model.itc_temperature().detach()))
     return i2t.numpy(), t2i.numpy()
 
 
