@@ -116,7 +116,7 @@ def finetune_score(ac, task, seed, init, flags, out, threads):
     budget = ["--max-steps", steps, "--eval-every", steps] if steps else []  # val once, at the end: best.pt = last
     run("finetune.py", "--task", task, *budget, "--seed", seed,
         "--batch-size", ac.finetune_batch_size, *(["--k-test", ac.k_test] if ac.k_test >= 0 else []),
-        "--train-fraction", ac.train_fraction, "--num-workers", 1 if ac.jobs > 1 else 2,
+        "--train-fraction", ac.train_fraction, *(["--num-workers", 1] if ac.jobs > 1 else []),
         "--data-dir", ac.data_dir, "--out-dir", out, *(["--init", init] if init else flags), threads=threads)
     return json.loads((out / "results.json").read_text())["test"][inference.TASKS[task].metric]
 
