@@ -1,7 +1,8 @@
 """Pictures of what EVE learned, as PNG files written with pillow.
 
 - reconstructions (MAE's picture): original | masked | reconstruction, one row per image, and a number for
-  them: foreground_ratio, how much better than the background colour the removed object patches come out;
+  them: foreground_ratio, how much better than the background colour the removed object patches come out
+  (foreground_ratios: also split by whether a visible object patch lies next to the removed one);
 - expert usage: per MoE layer, the share of vision and of text assignments that each expert receives;
 - routing: each image patch tinted by the expert it was sent to first, and the caption's tokens coloured
   the same way, per MoE layer: where modality-aware experts can be seen.
@@ -75,24 +76,38 @@ def save_reconstruction(path, images, pred, mask, cfg, n=8):
     grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(path)
 
 
-def foreground_ratio(images, pred, mask, cfg, threshold=0.5):
+def foreground_ratios(images, pred, mask, cfg, threshold=0.5):
     """The pixel loss on removed patches that show part of an object, over the loss of painting those patches
     in the image's background colour: 1 = no better than the background, 0 = perfect. A pixel counts as an
     object's when a channel lies more than `threshold` (normalised units: 0.25 of the 0..1 range) from the
     image's median colour, the background of the shapes world's dark, noisy scenes.
-    images: [N, 3, H, W], pred: [N, L, p*p*3], mask: [N, L] with 1 = removed. Returns a float (nan if no such patch)."""
-    p = cfg.patch_size
+    Returned for all such patches ("all") and split by whether one of the 8 neighbouring patches is a visible
+    object patch ("near": a shape to continue is in sight) or not ("far"): {name: (ratio, patches)}, ratio nan
+    where there is no such patch.
+    images: [N, 3, H, W], pred: [N, L, p*p*3], mask: [N, L] with 1 = removed."""
+    p, side = cfg.patch_size, cfg.image_size // cfg.patch_size
     target = patchify(images.float(), p)  # (N, L, p*p*3), pixel order (p, p, 3)
     pred = in_pixels(pred, target, cfg)
     background = images.float().flatten(2).median(-1).values  # (N, 3)
     pixels = target.view(*target.shape[:2], p * p, 3)
     deviation = pixels - background[:, None, None, :]  # (N, L, p*p, 3)
-    shown = (deviation.abs().amax(-1) > threshold).any(-1) & mask.bool()  # (N, L) removed patches with object pixels
-    if not shown.any():
-        return float("nan")
-    model_loss = ((pred - target) ** 2).mean(-1)[shown].mean()
-    background_loss = (deviation ** 2).mean((-1, -2))[shown].mean()
-    return (model_loss / background_loss).item()
+    has_object = (deviation.abs().amax(-1) > threshold).any(-1)  # (N, L)
+    removed = mask.bool()
+    visible_object = (has_object & ~removed).float().view(-1, 1, side, side)
+    near = torch.nn.functional.max_pool2d(visible_object, 3, 1, 1).view_as(removed).bool()  # (N, L)
+    model_loss = ((pred - target) ** 2).mean(-1)  # (N, L)
+    background_loss = (deviation ** 2).mean((-1, -2))
+    out = {}
+    for name, chosen in (("all", has_object & removed), ("near", has_object & removed & near),
+                         ("far", has_object & removed & ~near)):
+        ratio = (model_loss[chosen].mean() / background_loss[chosen].mean()).item() if chosen.any() else float("nan")
+        out[name] = (ratio, int(chosen.sum()))
+    return out
+
+
+def foreground_ratio(images, pred, mask, cfg, threshold=0.5):
+    """foreground_ratios(...)'s ratio over all removed object patches (a float, nan if there is none)."""
+    return foreground_ratios(images, pred, mask, cfg, threshold)["all"][0]
 
 
 # ---- expert usage ------------------------------------------------------------------------
@@ -228,8 +243,11 @@ def main(argv=None):
             enc = model.encode(batch["image"], batch["text_ids"], batch["text_mask"], cfg.image_mask_ratio)
             pred = model.decoder(enc["hidden"][:, :enc["n_image"]], enc["ids_restore"])  # the caption unmasked
         save_reconstruction(out_dir / f"recon_{step:07d}.png", batch["image"], pred, enc["mask"], cfg)
-        print(f"recon_fg_ratio on these {len(batch['image'])} pairs: "
-              f"{foreground_ratio(batch['image'], pred, enc['mask'], cfg):.3f} (1 = the background colour's loss)")
+        ratios = foreground_ratios(batch["image"], pred, enc["mask"], cfg)
+        print(f"recon_fg_ratio on these {len(batch['image'])} pairs: {ratios['all'][0]:.3f} "
+              f"(1 = the background colour's loss; {ratios['all'][1]} removed object patches), "
+              f"next to a visible object patch {ratios['near'][0]:.3f} ({ratios['near'][1]}), "
+              f"none nearby {ratios['far'][0]:.3f} ({ratios['far'][1]})")
     print(f"pictures of {args.checkpoint} (step {step}) in {out_dir}")
 
 

@@ -31,6 +31,35 @@ def test_foreground_ratio_by_hand():
     assert np.isnan(ratio(background))
 
 
+def test_foreground_ratios_split_by_a_visible_object_patch_nearby():
+    """Removed red patches 10 (row 1, col 2) and 50 (row 6, col 2); a visible red patch 11 beside 10, and
+    a removed red patch 42 above 50 (removed, so not in sight): 10 is "near", 42 and 50 "far". Predicting 10
+    exactly, 42 and 50 in the background colour: near 0, far 1, all 2/3 (equal background losses).
+    A visible red patch diagonal to 50 (59: row 7, col 3) makes 50 near too."""
+    from masking import patchify
+    cfg = make_config("tiny")  # 64 px, patch 8: an 8x8 grid of patches
+    images = torch.full((1, 3, 64, 64), -0.5)
+    for k in (10, 11, 42, 50):
+        r, c = divmod(k, 8)
+        images[0, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8] = torch.tensor([0.8, -0.8, -0.8])[:, None, None]
+    target = patchify(images, 8)
+    pred = target.clone()
+    pred[0, [42, 50]] = -0.5  # 42 and 50 painted in the background colour
+    mask = torch.zeros(1, 64)
+    mask[0, [10, 42, 50]] = 1
+    ratios = pictures.foreground_ratios(images, pred, mask, cfg)
+    assert ratios["near"] == (0.0, 1)
+    assert abs(ratios["far"][0] - 1.0) < 1e-6 and ratios["far"][1] == 2
+    assert abs(ratios["all"][0] - 2 / 3) < 1e-6 and ratios["all"][1] == 3
+    assert pictures.foreground_ratio(images, pred, mask, cfg) == ratios["all"][0]
+    images[0, :, 56:64, 24:32] = torch.tensor([0.8, -0.8, -0.8])[:, None, None]  # patch 59, visible
+    pred = patchify(images, 8)
+    pred[0, [42, 50]] = -0.5
+    ratios = pictures.foreground_ratios(images, pred, mask, cfg)
+    assert ratios["near"][1] == 2 and abs(ratios["near"][0] - 0.5) < 1e-6
+    assert ratios["far"][1] == 1 and abs(ratios["far"][0] - 1.0) < 1e-6
+
+
 def test_routing_picture_tints_each_patch_by_its_first_expert(tmp_path):
     torch.manual_seed(0)
     cfg = make_config("tiny", vocab_size=len(VOCAB), dim=64, depth=2, heads=2, num_experts=4, top_layers=1)
