@@ -4,7 +4,9 @@ Seeded scenes of 1-4 coloured shapes on a noisy background, with captions, VQA q
 statements that are true by construction, written as PNG images and the ALBEF/X-VLM JSON files that
 pretrain.py and finetune.py read (pre-training, retrieval, VQA with its answer list, NLVR2), plus a
 vocab.txt built from its texts. `ensure_shapes_world(root)` writes it once; `shapes_world(root,
-rank, world)` does so under DDP (rank 0 writes, the others wait).
+rank, world)`, what the training scripts call, keeps a world already made in root (with any sizes, e.g. more
+NLVR2 training rows: `make_shapes_world(root, nlvr2_per_split=(8000, 200, 200))`) and writes the default one
+where there is none, under DDP too (rank 0 writes, the others wait).
 """
 import inspect
 import itertools
@@ -339,11 +341,21 @@ def ensure_shapes_world(root, **kwargs):
     return make_shapes_world(root, **kwargs)
 
 
+def made_world(root):
+    """Whether root holds a finished shapes world of the current generator version, whatever its sizes or
+    seed (manifest.json is written last, so an interrupted run leaves none)."""
+    try:
+        return json.loads((Path(root) / "manifest.json").read_text()).get("version") == _WORLD_VERSION
+    except (OSError, ValueError, AttributeError):
+        return False
+
 
 def shapes_world(folder, rank, world):
-    """The shapes world's files, written by rank 0 if absent while the other ranks wait."""
-    if rank == 0:
-        ensure_shapes_world(folder)
+    """The shapes world's files for the training scripts' --data-dir: a world already made there (by
+    make_shapes_world, with any sizes or seed) is used as it is; an absent, unfinished or older one is written
+    with the defaults, by rank 0 while the other ranks wait."""
+    if rank == 0 and not made_world(folder):
+        make_shapes_world(folder)
     if world > 1:
         torch.distributed.barrier()
-    return ensure_shapes_world(folder)  # present now: only checks the manifest
+    return _world_paths(folder)

@@ -67,7 +67,7 @@ class TrainingConfig:
     """The options of both training scripts. pretrain.TrainConfig and finetune.FinetuneConfig extend it with
     their own and restate the fields whose default differs (a restated field keeps its place here)."""
     preset: str = "tiny"  # model preset: tiny | small | base | large
-    data_dir: str = "data/shapes"  # shapes world folder, generated when absent
+    data_dir: str = "data/shapes"  # shapes world folder: one made there is used (any sizes), else the default is made
     train_json: str = ""  # your own training JSON (else the shapes world's)
     image_root: str = ""  # folder the JSON's image paths are relative to (default: the JSON's folder)
     vocab: str = ""  # BERT-style vocab.txt (default: the shapes world's)

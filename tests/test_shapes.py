@@ -48,6 +48,27 @@ def test_generator_is_deterministic_and_ensure_reuses(world, tmp_path):
     assert (other["root"] / "pretrain.json").read_bytes() != (world["root"] / "pretrain.json").read_bytes()
 
 
+def test_the_scripts_keep_a_world_made_with_other_sizes(world, tmp_path, monkeypatch):
+    """shapes_world (--data-dir) uses a finished world of any sizes as it is; an absent, unfinished or
+    older-version one is made with the defaults (make_shapes_world stood in for: the real one takes 25 s)."""
+    made = []
+    monkeypatch.setattr(shapes, "make_shapes_world", lambda root, **kw: made.append(Path(root)))
+    stamp = (world["root"] / "nlvr2_train.json").stat().st_mtime_ns
+    assert shapes.shapes_world(world["root"], 0, 1)["nlvr2_train"] == world["root"] / "nlvr2_train.json"
+    assert made == [] and (world["root"] / "nlvr2_train.json").stat().st_mtime_ns == stamp
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps(load(world["root"] / "manifest.json") | {"version": 1}))
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "pretrain.json").write_text("[]")  # files but no manifest: an interrupted make
+    for folder in (tmp_path / "absent", old, unfinished):
+        shapes.shapes_world(folder, 0, 1)
+    assert made == [tmp_path / "absent", old, unfinished]
+    shapes.shapes_world(tmp_path / "absent2", 1, 1)  # another rank never writes
+    assert len(made) == 3
+
+
 def test_world_schemas(world):
     assert set(world) >= {"root", "images", "pretrain", "retrieval_train", "retrieval_val", "retrieval_test",
                           "vqa_train", "vqa_val", "vqa_test", "answer_list", "nlvr2_train", "nlvr2_val",
