@@ -2,7 +2,8 @@
 
 - reconstructions (MAE's picture): original | masked | reconstruction, one row per image, and a number for
   them: foreground_ratio, how much better than the background colour the removed object patches come out
-  (foreground_ratios: also split by whether a visible object patch lies next to the removed one);
+  (foreground_ratios: also split by whether a visible object patch lies next to the removed one), held
+  against a reconstruction without learning (nearest_visible_fill: copy the nearest visible pixel);
 - expert usage: per MoE layer, the share of vision and of text assignments that each expert receives;
 - routing: each image patch tinted by the expert it was sent to first, and the caption's tokens coloured
   the same way, per MoE layer: where modality-aware experts can be seen.
@@ -14,6 +15,7 @@ pretrain.py draws them every --picture-every steps. For a checkpoint, after the 
 """
 import argparse
 import colorsys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -103,6 +105,24 @@ def foreground_ratios(images, pred, mask, cfg, threshold=0.5):
         ratio = (model_loss[chosen].mean() / background_loss[chosen].mean()).item() if chosen.any() else float("nan")
         out[name] = (ratio, int(chosen.sum()))
     return out
+
+
+def nearest_visible_fill(images, mask, p):
+    """A reconstruction without learning, to hold the decoder's against: every removed pixel takes the colour
+    of the nearest visible pixel (distance between pixel centres; of equally near ones, the first in raster
+    order). It continues an edge that is in sight and paints the background where nothing is.
+    images: [N, 3, H, W], mask: [N, L] with 1 = removed -> patches [N, L, p*p*3] in the decoder's pixel order."""
+    N, _, H, W = images.shape
+    removed = mask.bool().view(N, H // p, 1, W // p, 1).expand(-1, -1, p, -1, p).reshape(N, H * W)  # per pixel
+    yx = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij"), -1).view(-1, 2).float()
+    filled = images.float().flatten(2).clone()  # (N, 3, H*W)
+    for pixels, gone in zip(filled, removed):
+        if gone.all():  # nothing in sight: the data's mean colour (0 in normalised units)
+            pixels.zero_()
+        elif gone.any():
+            nearest = torch.cdist(yx[gone], yx[~gone]).argmin(1)  # (removed pixels,) index among the visible
+            pixels[:, gone] = pixels[:, ~gone][:, nearest]
+    return patchify(filled.view_as(images), p)
 
 
 def foreground_ratio(images, pred, mask, cfg, threshold=0.5):
@@ -243,11 +263,15 @@ def main(argv=None):
             enc = model.encode(batch["image"], batch["text_ids"], batch["text_mask"], cfg.image_mask_ratio)
             pred = model.decoder(enc["hidden"][:, :enc["n_image"]], enc["ids_restore"])  # the caption unmasked
         save_reconstruction(out_dir / f"recon_{step:07d}.png", batch["image"], pred, enc["mask"], cfg)
-        ratios = foreground_ratios(batch["image"], pred, enc["mask"], cfg)
-        print(f"recon_fg_ratio on these {len(batch['image'])} pairs: {ratios['all'][0]:.3f} "
-              f"(1 = the background colour's loss; {ratios['all'][1]} removed object patches), "
-              f"next to a visible object patch {ratios['near'][0]:.3f} ({ratios['near'][1]}), "
-              f"none nearby {ratios['far'][0]:.3f} ({ratios['far'][1]})")
+        fill = nearest_visible_fill(batch["image"], enc["mask"], cfg.patch_size)
+        plain = replace(cfg, norm_pix_loss=False)  # the fill is in pixels, not per-patch normalised
+        for what, ratios in (("recon_fg_ratio", foreground_ratios(batch["image"], pred, enc["mask"], cfg)),
+                             ("copying the nearest visible pixel instead (no learning)",
+                              foreground_ratios(batch["image"], fill, enc["mask"], plain))):
+            print(f"{what} on these {len(batch['image'])} pairs: {ratios['all'][0]:.3f} "
+                  f"(1 = the background colour's loss; {ratios['all'][1]} removed object patches), "
+                  f"next to a visible object patch {ratios['near'][0]:.3f} ({ratios['near'][1]}), "
+                  f"none nearby {ratios['far'][0]:.3f} ({ratios['far'][1]})")
     print(f"pictures of {args.checkpoint} (step {step}) in {out_dir}")
 
 

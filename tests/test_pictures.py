@@ -60,6 +60,22 @@ def test_foreground_ratios_split_by_a_visible_object_patch_nearby():
     assert ratios["far"][1] == 1 and abs(ratios["far"][0] - 1.0) < 1e-6
 
 
+def test_nearest_visible_fill_copies_the_nearest_visible_pixel():
+    """A row of three 8-pixel patches, red | removed | blue: removed columns 8-11 lie nearer to column 7 (red)
+    than to column 16 (blue), columns 12-15 nearer to blue; visible patches keep their pixels. Nothing visible:
+    the mean colour, 0."""
+    from masking import patchify
+    red, blue = torch.tensor([0.8, -0.8, -0.8]), torch.tensor([-0.8, -0.8, 0.8])
+    images = torch.full((1, 3, 8, 24), 5.0)  # the removed patch's own pixels must not show through
+    images[0, :, :, :8], images[0, :, :, 16:] = red[:, None, None], blue[:, None, None]
+    expected = images.clone()
+    expected[0, :, :, 8:12], expected[0, :, :, 12:16] = red[:, None, None], blue[:, None, None]
+    fill = pictures.nearest_visible_fill(images, torch.tensor([[0.0, 1.0, 0.0]]), 8)
+    assert torch.equal(fill, patchify(expected, 8))
+    assert torch.equal(pictures.nearest_visible_fill(images, torch.ones(1, 3), 8), torch.zeros(1, 3, 192))
+    assert torch.equal(pictures.nearest_visible_fill(images, torch.zeros(1, 3), 8), patchify(images, 8))
+
+
 def test_routing_picture_tints_each_patch_by_its_first_expert(tmp_path):
     torch.manual_seed(0)
     cfg = make_config("tiny", vocab_size=len(VOCAB), dim=64, depth=2, heads=2, num_experts=4, top_layers=1)
