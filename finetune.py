@@ -342,6 +342,9 @@ def run(fc, overrides, rank, world, device, given=frozenset()):
     model = EVE(cfg).to(device)
     if init:
         load_init(model, init, fc.init, verbose=rank == 0)
+        if "itc_temp" in overrides:  # a given starting temperature wins over the checkpoint's tensor
+            with torch.no_grad():
+                model.temp.fill_(cfg.itc_temp)
     objective = fc.objective or task.objective
     model.freeze_unused_heads(objective)
     opt, sched = training.make_optimizer(model, fc, heads=TASK_HEADS[objective], head_lr_mult=fc.head_lr_mult)

@@ -347,12 +347,17 @@ def test_train_fraction_uses_the_same_share_of_rows_for_every_seed(world, tmp_pa
         finetune.main(data_args(world, "vqa") + RUN + ["--train-fraction", "0", "--out-dir", str(tmp_path / "x")])
 
 
-def test_retrieval_with_the_contrastive_objective_alone(world, tmp_path):
+def test_retrieval_with_the_contrastive_objective_alone(world, pretrained, tmp_path):
+    """--objective itc trains the ITC projections and leaves the ITM head frozen at the checkpoint's weights;
+    a given --itc-temp sets the starting temperature over the checkpoint's (0.3, the tiny preset's)."""
     args = data_args(world, "retrieval") + RUN
-    finetune.main(args + ["--objective", "itc", "--rank", "itc", "--out-dir", str(tmp_path / "itc")])
-    best = torch.load(tmp_path / "itc" / "best.pt", weights_only=False)
-    src = EVE_init = best["model"]["itm_head.weight"]  # frozen: never trained, so it stays at its init
-    assert best["finetune_config"]["objective"] == "itc" and src.shape[0] == 2 and EVE_init is src
+    finetune.main(args + ["--objective", "itc", "--rank", "itc", "--init", str(pretrained), "--itc-temp", "0.2",
+                          "--out-dir", str(tmp_path / "itc")])
+    best, src = torch.load(tmp_path / "itc" / "best.pt", weights_only=False), torch.load(pretrained, weights_only=False)
+    assert best["finetune_config"]["objective"] == "itc"
+    assert torch.equal(best["model"]["itm_head.weight"], src["model"]["itm_head.weight"])
+    assert not torch.equal(best["model"]["itc_image.weight"], src["model"]["itc_image.weight"])
+    assert abs(src["model"]["temp"].item() - 0.3) < 1e-6 and abs(best["model"]["temp"].item() - 0.2) < 1e-2  # one step
     with pytest.raises(SystemExit, match="trains no ITM head"):
         finetune.main(args + ["--objective", "itc", "--out-dir", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="must be one of"):
