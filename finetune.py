@@ -25,7 +25,7 @@ import os
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 # Transparent huge pages for CPU tensors of 2 MB or more (0 opts out): see bench.py. Set before the
@@ -89,9 +89,12 @@ class FinetuneConfig(training.TrainingConfig):
 # Each task's defaults on the shapes world with the tiny preset, sized for at most 5 minutes on 2 CPU cores (README:
 # "Fine-tuning and evaluation", measured). A flag given on the command line wins. Retrieval trains the contrastive
 # loss alone and ranks by it: a step is 2 encoder passes instead of ITC+ITM's 5, so that 5 minutes hold 4x the steps.
-# Retrieval's lr is 2e-4: at VQA's 5e-4 its seeds were erratic (README: "Retrieval's learning rate").
+# Retrieval's lr is 2e-4: at VQA's 5e-4 its seeds were erratic (README: "Retrieval's learning rate"); its ITC
+# temperature starts at 0.1, not the tiny preset's 0.3, which a pre-trained model barely moves from in 400 steps
+# (README: "Retrieval's temperature"). Model fields here (itc_temp) are set like a flag, also over an --init's value.
 SHAPES_DEFAULTS = {"vqa": dict(epochs=1.0), "nlvr2": dict(epochs=4.0),
-                   "retrieval": dict(epochs=0.64, objective="itc", rank="itc", lr=2e-4)}
+                   "retrieval": dict(epochs=0.64, objective="itc", rank="itc", lr=2e-4, itc_temp=0.1)}
+MODEL_FIELDS = {f.name for f in fields(EVEConfig)}
 # The official EVE fine-tuning recipe (github ssyze/EVE: configs/VQA_beit_480_vg.yaml, NLVR_vit_lrtest_5e-5.yaml,
 # Retrieval_{coco,flickr}_ft.yaml; optim.py, scheduler.py, dataset/__init__.py), used by --recipe official: AdamW
 # betas (0.9, 0.98), weight decay 0.01, decay to 0 after the warm-up, 10 epochs, the head_lr_mult of new heads (its
@@ -182,12 +185,19 @@ def resolve_paths(fc, rank, world, given=frozenset()):
     else:
         paths = {k: str(v) for k, v in shapes_world(fc.data_dir, rank, world).items()}
         paired = {"objective", "rank"}  # the two go together: a given one keeps the other's own default
-        out.update({k: v for k, v in SHAPES_DEFAULTS[fc.task].items()
-                    if k != "epochs" and k not in given and not (k in paired and paired & set(given))})
+        out.update({k: v for k, v in SHAPES_DEFAULTS[fc.task].items() if k != "epochs" and k not in MODEL_FIELDS
+                    and k not in given and not (k in paired and paired & set(given))})
         out.update({f"{s}_json": paths[f"{fc.task}_{s}"] for s in ("train", "val", "test")},
                    image_root=fc.image_root or paths["root"], answer_list=fc.answer_list or paths["answer_list"],
                    vocab=fc.vocab or (paths["vocab"] if not fc.init and not fc.bpe else ""))
     return replace(fc, **out)
+
+
+def model_overrides(fc, flags):
+    """The model fields to set: those given on the command line (flags), over the task's model defaults in
+    SHAPES_DEFAULTS (e.g. retrieval's itc_temp) when it trains on the shapes world."""
+    shapes = {} if fc.train_json else {k: v for k, v in SHAPES_DEFAULTS[fc.task].items() if k in MODEL_FIELDS}
+    return {**shapes, **flags}
 
 
 def base_config(fc, overrides, rank):
@@ -296,6 +306,7 @@ def main(argv=None):
         raise SystemExit(f"error: --task must be one of {sorted(inference.TASKS)}, not {fc.task!r}")
     overrides = training.pick_fields(args, EVEConfig, skip_none=True)
     overrides = {k: v for k, v in overrides.items() if k not in ("num_answers", "nlvr2_head")}  # set by the task
+    overrides = model_overrides(fc, overrides)
     rank, world, _, device = training.setup_distributed(fc.seed)
     try:
         given = given_flags(argv)

@@ -365,7 +365,8 @@ def test_retrieval_with_the_contrastive_objective_alone(world, pretrained, tmp_p
 
 
 def test_shapes_defaults_apply_unless_given(world, monkeypatch):
-    """On the shapes world retrieval trains ITC alone at lr 2e-4 and ranks by it, unless those flags are given."""
+    """On the shapes world retrieval trains ITC alone at lr 2e-4, its temperature starting at 0.1, and ranks by
+    it, unless those flags are given."""
     monkeypatch.setattr(finetune, "shapes_world", lambda folder, rank, world_size: world)
     fc = finetune.FinetuneConfig(task="retrieval")
     got = finetune.resolve_paths(fc, 0, 1, given=set())
@@ -377,6 +378,11 @@ def test_shapes_defaults_apply_unless_given(world, monkeypatch):
     assert finetune.resolve_paths(finetune.FinetuneConfig(task="vqa"), 0, 1, given=set()).lr == 5e-4
     own = finetune.resolve_paths(finetune.FinetuneConfig(task="retrieval", train_json="a", val_json="b", test_json="c"), 0, 1)
     assert (own.objective, own.rank) == ("", "itc+itm")  # own data keeps ALBEF's recipe
+    # a model field among them (the ITC temperature's start), under a given flag; not on own data
+    assert finetune.model_overrides(fc, {}) == {"itc_temp": 0.1}
+    assert finetune.model_overrides(fc, {"itc_temp": 0.3, "dim": 64}) == {"itc_temp": 0.3, "dim": 64}
+    assert finetune.model_overrides(finetune.FinetuneConfig(task="vqa"), {}) == {}
+    assert finetune.model_overrides(own, {}) == {}
 
 
 def test_eval_every_sets_the_val_steps(world, tmp_path):
