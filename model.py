@@ -229,7 +229,8 @@ OFFICIAL = dict(capacity_factor=1.0, min_capacity=4, moe_renorm_kept=True, moe_s
 
 PRESETS = {
     # from scratch at 64 px, ITC starting at 0.07 stayed at ln(batch) for 60 retrieval steps (the image
-    # features collapse); starting at 0.3 it learned (python finetune.py --task retrieval --max-steps 60 --itc-temp T)
+    # features collapse); starting at 0.3 it learned (python finetune.py --task retrieval --max-steps 60 --itc-temp T).
+    # Retrieval fine-tuning on the shapes world starts at 0.1 instead (finetune.SHAPES_DEFAULTS: README, measured)
     "tiny": EVEConfig(itc_temp=0.3),
     "small": EVEConfig(image_size=128, patch_size=16, dim=384, depth=8, heads=6, num_experts=16,
                        decoder_dim=256, decoder_depth=2, decoder_heads=8, itc_dim=256, max_text_len=40),
