@@ -353,7 +353,7 @@ def run(fc, overrides, rank, world, device, given=frozenset()):
     model = EVE(cfg).to(device)
     if init:
         load_init(model, init, fc.init, verbose=rank == 0)
-        if "itc_temp" in overrides:  # a given starting temperature wins over the checkpoint's tensor
+        if "itc_temp" in overrides:  # a given (or shapes-default) starting temperature wins over the checkpoint's tensor
             with torch.no_grad():
                 model.temp.fill_(cfg.itc_temp)
     objective = fc.objective or task.objective
