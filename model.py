@@ -182,7 +182,8 @@ class EVEConfig:
     decoder_heads: int = 4  # pixel decoder heads
     image_mask_ratio: float = 0.75  # share of patches removed for MSM
     image_masking: str = "random"  # random (MAE) | block (BEiT, ablation)
-    pos_init: str = "random"  # initial image position tables (encoder, decoder): random (normal, std 0.02) | sincos (2D, MAE)
+    pos_init: str = "random"  # initial image position tables (encoder, decoder): random (normal, std 0.02) | sincos (2D, MAE;
+    # the pixel decoder leaves its haze after ~500 steps with it, but fine-tuning from it is worse: README)
     norm_pix_loss: bool = False  # per-patch normalised pixel target (MAE)
     mlm_weight: float = 1.0  # weight of the masked-text loss
     itc_dim: int = 128  # ITC projection width
