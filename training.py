@@ -357,7 +357,8 @@ def fit(model, loader, opt, sched, tc, task, device, rank, world, progress=None,
     stop, speed = StopSignal(can_interrupt=world == 1), Throughput()
     bar = tqdm(total=tc.max_steps, initial=step, disable=rank != 0, desc=desc, dynamic_ncols=True)
     t0, seconds_before = time.perf_counter(), progress.get("seconds", 0.0)
-    now = seconds_before  # seconds of training at the last step
+    now = seconds_before  # seconds of training at the last step, to the millisecond: the budget is checked on
+    # the value that metrics.jsonl shows, so no logged step before the last reads as past it
     boundary_rng, saved = rng_state(), step  # this rank's RNG when the last step ended; the step last saved
 
     def elapsed():
@@ -416,7 +417,7 @@ def fit(model, loader, opt, sched, tc, task, device, rank, world, progress=None,
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 sched.step()
-                step, used, steps_done, now = step + 1, 0, steps_done + 1, elapsed()
+                step, used, steps_done, now = step + 1, 0, steps_done + 1, round(elapsed(), 3)
                 boundary_rng = rng_state()
                 bar.update(1)
                 if step % tc.log_every == 0 or step == tc.max_steps:
@@ -424,7 +425,7 @@ def fit(model, loader, opt, sched, tc, task, device, rank, world, progress=None,
                     rate = speed.rate()
                     bar.set_postfix(loss=f"{parts['loss']:.3f}", sps=f"{rate:.0f}")
                     record = dict(step=step, epoch=this_epoch, lr=sched.get_last_lr()[0], samples_per_s=rate,
-                                  grad_norm=grad_norm.item(), seconds=round(now, 3), **parts)
+                                  grad_norm=grad_norm.item(), seconds=now, **parts)
                     if "moe_load" in out:  # per MoE layer, assignments per expert for vision and for text
                         record.update(moe_load_vision=[l[0] for l in out["moe_load"]], moe_load_text=[l[1] for l in out["moe_load"]],
                                       moe_drop=out["moe_drop"], moe_aux=out["moe_aux"])
@@ -458,7 +459,7 @@ def fit(model, loader, opt, sched, tc, task, device, rank, world, progress=None,
     if stopped == "signal" and rank == 0:
         print(f"\nstopped by signal at step {step}; continue with --resume auto --out-dir {out_dir}")
     if stopped == "max_seconds":
-        log.write(step=step, seconds=round(now, 3), stopped="max_seconds", max_seconds=max_seconds)
+        log.write(step=step, seconds=now, stopped="max_seconds", max_seconds=max_seconds)
         if rank == 0:
             print(f"\nstopped at the time budget: {step} steps in {now:.1f}s of training (--max-seconds "
                   f"{max_seconds:g}); checkpoint {out_dir / 'last.pt'}")
