@@ -182,8 +182,10 @@ class EVEConfig:
     decoder_heads: int = 4  # pixel decoder heads
     image_mask_ratio: float = 0.75  # share of patches removed for MSM
     image_masking: str = "random"  # random (MAE) | block (BEiT, ablation)
-    pos_init: str = "random"  # initial image position tables (encoder, decoder): random (normal, std 0.02) | sincos (2D, MAE;
-    # the pixel decoder leaves its haze after ~500 steps with it, but fine-tuning from it is worse: README)
+    pos_init: str = "random"  # initial image position table of the encoder: random (normal, std 0.02; official) | sincos
+    # (MAE's 2D table; fine-tuning from an MSM checkpoint with it is worse: README)
+    decoder_pos_init: str = "sincos"  # initial position table of the pixel decoder: sincos (MAE's 2D table, learned from
+    # there; the decoder then paints removed patches in place) | random (normal, std 0.02; a haze: README)
     norm_pix_loss: bool = False  # per-patch normalised pixel target (MAE)
     mlm_weight: float = 1.0  # weight of the masked-text loss
     itc_dim: int = 128  # ITC projection width
@@ -419,13 +421,14 @@ class EVE(nn.Module):
         self.apply(self._init_weights)
         for t in (self.cls_token, self.image_pos, self.decoder.mask_token, self.decoder.pos_embed):
             nn.init.normal_(t, std=0.02)
-        if cfg.pos_init == "sincos":  # the patch grid's geometry from the start; [CLS] keeps its random row
-            side = cfg.image_size // cfg.patch_size
-            with torch.no_grad():
-                self.image_pos[0, 1:] = sincos_2d(D, side)
-                self.decoder.pos_embed[0, 1:] = sincos_2d(cfg.decoder_dim, side)
-        elif cfg.pos_init != "random":
-            raise ValueError(f"unknown pos_init {cfg.pos_init!r}: use random or sincos")
+        side = cfg.image_size // cfg.patch_size
+        for name, table, init in (("pos_init", self.image_pos, cfg.pos_init),
+                                  ("decoder_pos_init", self.decoder.pos_embed, cfg.decoder_pos_init)):
+            if init == "sincos":  # the patch grid's geometry from the start; [CLS] keeps its random row
+                with torch.no_grad():
+                    table[0, 1:] = sincos_2d(table.shape[-1], side)
+            elif init != "random":
+                raise ValueError(f"unknown {name} {init!r}: use random or sincos")
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -246,17 +247,22 @@ def test_block_without_padding_equals_the_padded_path():
 
 def test_sincos_position_tables_by_hand():
     """MAE's 2D table: channels [0, D/4) sin(row * w_i), [D/4, D/2) cos(row * w_i), then the same for the column,
-    w_i = 10000^(-i / (D/4)); pos_init='sincos' puts it in the encoder's and the decoder's patch rows."""
+    w_i = 10000^(-i / (D/4)). The decoder starts from it by default, the encoder with pos_init='sincos'."""
     from model import sincos_2d
     import math
     table = sincos_2d(16, 3)  # (9, 16); patch 5 is row 1, column 2
     w = [10000 ** (-i / 4) for i in range(4)]
     expected = [math.sin(1 * x) for x in w] + [math.cos(1 * x) for x in w] + [math.sin(2 * x) for x in w] + [math.cos(2 * x) for x in w]
     torch.testing.assert_close(table[5], torch.tensor(expected))
+    default = tiny()
+    torch.testing.assert_close(default.decoder.pos_embed[0, 1:], sincos_2d(default.cfg.decoder_dim, 8))
+    assert default.image_pos.std() < 0.03  # the official N(0, 0.02) encoder table
     model = tiny(pos_init="sincos")
     torch.testing.assert_close(model.image_pos[0, 1:], sincos_2d(192, 8))
-    torch.testing.assert_close(model.decoder.pos_embed[0, 1:], sincos_2d(model.cfg.decoder_dim, 8))
     assert model.image_pos[0, 0].abs().max() < 0.2  # [CLS] keeps a small random row
+    assert tiny(decoder_pos_init="random").decoder.pos_embed.std() < 0.03
+    with pytest.raises(ValueError, match="decoder_pos_init"):
+        tiny(decoder_pos_init="learned")
 
 
 def test_itc_objective_is_the_contrastive_half_of_itc_itm():
