@@ -36,7 +36,7 @@ import inference
 import training
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_MINUTES = 27  # measured: python ablate.py alone on the 2-core AMD EPYC (README, assets/ablate_claims.md)
+DEFAULT_MINUTES = 26  # measured: python ablate.py alone on the 2-core AMD EPYC (README, assets/ablate_claims.md)
 # arm name -> (pre-training objective or None, model flags)
 TABLES = {
     "objectives": {"scratch": (None, []), "msm": ("msm", []), "itc_itm": ("itc_itm", [])},
@@ -60,14 +60,15 @@ class AblateConfig:
     pretrain_per_seed: bool = False  # pre-train each arm once per seed; False: once (the first seed), every
     # fine-tuning seed starts from that checkpoint (a third of the pre-training time for 3 seeds)
     jobs: int = 2  # fine-tuning runs at once, each with cores / jobs threads (pre-training runs alone)
-    pretrain_seconds: float = 180.0  # wall-clock budget of each pre-training run (the same for every objective); 0 = pretrain.py's own steps
+    pretrain_seconds: float = 180.0  # wall-clock budget of each pre-training run (the same for every objective); 0 = pretrain.py's
+    # own schedule (its steps and batch)
     tasks: str = "vqa"  # fine-tuning tasks, comma-separated: vqa, nlvr2, retrieval
     vqa_steps: int = 200  # VQA fine-tuning steps (0 = finetune.py's default, as for the other two)
     nlvr2_steps: int = 100  # NLVR2 fine-tuning steps
     retrieval_steps: int = 60  # retrieval fine-tuning steps
     train_fraction: float = 0.1  # share of each task's training rows used: a low-label setting, where pre-training
     # matters most (1 = all)
-    batch_size: int = 64  # pre-training batch
+    batch_size: int = 64  # pre-training batch of every arm under a budget (ITC+ITM's in-batch negatives)
     finetune_batch_size: int = 32  # fine-tuning batch
     k_test: int = 0  # retrieval: ITM re-ranking depth; 0 = rank by ITC alone (re-ranking doubles the run); -1 = finetune.py's
     data_dir: str = "data/shapes"  # the shapes world (generated when absent)
@@ -103,9 +104,9 @@ def pretrain_arm(ac, objective, flags, seed, work, steps):
     """Pre-train one arm for the budget, alone on the machine (the budget is wall clock).
     Returns (checkpoint, steps done, seconds measured by pretrain.py)."""
     budget = ["--max-steps", steps, "--max-seconds", ac.pretrain_seconds, "--warmup-steps", max(1, steps // 10),
-              "--save-every", steps, "--picture-every", steps] if ac.pretrain_seconds else []
-    run("pretrain.py", "--objective", objective, "--seed", seed, "--batch-size", ac.batch_size,
-        "--data-dir", ac.data_dir, "--out-dir", work, *budget, *flags)
+              "--save-every", steps, "--picture-every", steps, "--batch-size", ac.batch_size] if ac.pretrain_seconds else []
+    run("pretrain.py", "--objective", objective, "--seed", seed, "--data-dir", ac.data_dir, "--out-dir", work,
+        *budget, *flags)
     last = [r for r in log_rows(work) if "seconds" in r][-1]  # steps done and seconds trained
     return work / "last.pt", last["step"], last["seconds"]
 

@@ -42,9 +42,10 @@ class TrainConfig(training.TrainingConfig):
     objective: str = "msm"  # msm | itc_itm | msm+itc_itm | itc_itm+mlm
     train_json: str = ""  # your own pre-training JSON (else the shapes world's)
     out_dir: str = "runs/pretrain"  # checkpoints, metrics.jsonl and pictures
-    max_steps: int = 400  # optimizer steps; the LR schedule spans them, also under --max-seconds
+    max_steps: int = 900  # optimizer steps; the LR schedule spans them, also under --max-seconds
     max_seconds: float = 0.0  # wall-clock budget: stop at the first step past it, save, report (0 = off); set --max-steps large
-    batch_size: int = 64  # per process and micro-batch
+    batch_size: int = 32  # per process and micro-batch (on 2 CPU cores 32 trains more samples/s than 64, and the pixel
+    # decoder needs steps: README)
     lr: float = 1e-3  # peak learning rate
     warmup_steps: int = 50  # linear warm-up
     text_mask_ratio: float = 0.5  # share of real text tokens masked

@@ -35,7 +35,7 @@ def test_strict_claim_within_spread_does_not_hold():
 
 def fake_runs(monkeypatch):
     """Replace the pretrain.py / finetune.py processes by stand-ins that write what the real ones write and
-    record each call: (script, seed, init checkpoint or None, threads)."""
+    record each call: (script, seed, init checkpoint or None, threads, flags)."""
     calls = []
 
     def run(script, *flags, threads=0):
@@ -43,7 +43,7 @@ def fake_runs(monkeypatch):
         value = lambda name: flags[flags.index(name) + 1] if name in flags else None  # noqa: E731
         out = Path(value("--out-dir"))
         out.mkdir(parents=True, exist_ok=True)
-        calls.append((script, value("--seed"), value("--init"), threads))
+        calls.append((script, value("--seed"), value("--init"), threads, flags))
         if script == "pretrain.py":  # 8 logged steps at 100 samples/s, then the step and seconds done
             rows = [{"step": i, "samples_per_s": 100.0} for i in range(8)] + [{"step": 40, "seconds": 30.0}]
             (out / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
@@ -99,3 +99,15 @@ def test_a_failed_fine_tuning_stops_the_rest(monkeypatch, tmp_path):
                      "--out-dir", str(tmp_path)])
     # the failed run and at most the one the worker had already taken, not all 9
     assert len([c for c in calls if c[0] == "finetune.py"]) <= 2
+
+
+def test_budgeted_arms_share_one_batch_and_the_defaults_table_keeps_pretrain_s_own(monkeypatch, tmp_path):
+    calls = fake_runs(monkeypatch)
+    ablate.main(["--table", "objectives", "--seeds", "0", "--pretrain-seconds", "30", "--out-dir", str(tmp_path / "a")])
+    budgeted = [c[4] for c in calls if c[0] == "pretrain.py"]
+    assert len(budgeted) == 4 and all(f[f.index("--batch-size") + 1] == "64" for f in budgeted)  # probes and runs
+    calls.clear()
+    ablate.main(["--table", "defaults", "--seeds", "0", "--pretrain-seconds", "0", "--vqa-steps", "0",
+                 "--out-dir", str(tmp_path / "b")])
+    own = [c[4] for c in calls if c[0] == "pretrain.py"]
+    assert len(own) == 1 and not {"--batch-size", "--max-steps", "--max-seconds"} & set(own[0])
