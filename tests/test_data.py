@@ -214,14 +214,22 @@ def test_worker_processes_give_the_same_batches(small_world):
     tok = tokenization.WordPieceTokenizer.from_file(world["vocab"])
     ds = data.PretrainDataset(world["pretrain"], world["root"], 32, augment=True, seed=2)
     batches = []
-    for workers in (0, 2):
+    for workers in (0, 2):  # two epochs of one loader: its workers persist and see the new epoch
         loader = data.make_loader(ds, 8, data.Collator(tok, 30), shuffle=True, seed=1, num_workers=workers)
-        data.loader_set_epoch(loader, 3)
-        batches.append(list(loader))
-    assert len(batches[0]) == -(-len(ds) // 8)  # the last batch is short
-    for a, b in zip(*batches):
-        assert torch.equal(a["image"], b["image"]) and torch.equal(a["text_ids"], b["text_ids"])
-        assert tok.unk_id not in a["text_ids"]  # the world's vocabulary covers its captions
+        assert loader.persistent_workers == (workers > 0)
+        epochs = []
+        for epoch in (3, 4):
+            data.loader_set_epoch(loader, epoch)
+            epochs.append(list(loader))
+        batches.append(epochs)
+    assert len(batches[0][0]) == -(-len(ds) // 8)  # the last batch is short
+    for epoch in (0, 1):
+        for a, b in zip(batches[0][epoch], batches[1][epoch]):
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["text_ids"], b["text_ids"])
+            assert tok.unk_id not in a["text_ids"]  # the world's vocabulary covers its captions
+    first = {int(i): img for b in batches[1][0] for i, img in zip(b["index"], b["image"])}
+    second = {int(i): img for b in batches[1][1] for i, img in zip(b["index"], b["image"])}
+    assert any(not torch.equal(first[i], second[i]) for i in first)  # epoch 4's crops and flips are new draws
 
 
 def test_subset_keeps_rows_and_file_row_numbers(tmp_path, image_root):
