@@ -94,7 +94,7 @@ def test_both_configs_share_one_base_and_keep_their_defaults():
         assert issubclass(cls, training.TrainingConfig) and base <= {f.name for f in dataclasses.fields(cls)}
     tc, fc = pretrain.TrainConfig(), finetune.FinetuneConfig()
     assert (tc.out_dir, tc.max_steps, tc.batch_size, tc.lr, tc.warmup_steps, tc.save_every, tc.keep_last) == \
-        ("runs/pretrain", 900, 32, 1e-3, 50, 200, 3)
+        ("runs/pretrain", 900, 32, 1e-3, 200, 200, 3)
     assert (fc.out_dir, fc.max_steps, fc.batch_size, fc.lr, fc.warmup_steps, fc.save_every, fc.keep_last) == \
         ("", 0, 32, 5e-4, -1, 0, 2)
     args = finetune.parse_args(["--grad-accum", "2", "--head-lr-mult", "5"])  # a shared flag and an own one
