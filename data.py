@@ -428,9 +428,9 @@ def make_loader(dataset, batch_size, collator, shuffle, seed=0, num_workers=0, d
     else:
         sampler = SequentialSampler(dataset)
     sampler.base_seed = seed  # loader_set_epoch reseeds from it
-    # workers persist across epochs (starting them each epoch cost about a second on 2 CPU cores) and read the
-    # epoch from the dataset's shared memory; the loader's own generator keeps it from drawing worker seeds
-    # from the global torch RNG
+    # workers persist across epochs (starting them anew each epoch stalls training: README) and read the epoch
+    # from the dataset's shared memory; the loader's own generator keeps it from drawing worker seeds from the
+    # global torch RNG
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator,
                       num_workers=num_workers, drop_last=drop_last, persistent_workers=num_workers > 0,
                       generator=torch.Generator().manual_seed(seed))
