@@ -36,7 +36,7 @@ import inference
 import training
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_MINUTES = 26  # measured: python ablate.py alone on the 2-core AMD EPYC (README, assets/ablate_claims.md)
+DEFAULT_MINUTES = 28  # measured: python ablate.py alone on the 2-core AMD EPYC (README, assets/ablate_claims.md)
 # arm name -> (pre-training objective or None, model flags)
 TABLES = {
     "objectives": {"scratch": (None, []), "msm": ("msm", []), "itc_itm": ("itc_itm", [])},

@@ -47,7 +47,7 @@ class TrainConfig(training.TrainingConfig):
     batch_size: int = 32  # per process and micro-batch (on 2 CPU cores 32 trains more samples/s than 64, and the pixel
     # decoder needs steps: README)
     lr: float = 1e-3  # peak learning rate
-    warmup_steps: int = 200  # linear warm-up (a longer one lets the pixel decoder paint sooner: README)
+    warmup_steps: int = 200  # linear warm-up (a longer one lets the pixel decoder paint better in 900 steps: README)
     text_mask_ratio: float = 0.5  # share of real text tokens masked
     bert_replace: bool = False  # BERT's 80/10/10 replacement of masked tokens
     augment: bool = True  # mild crop and left/right-swapping flip
