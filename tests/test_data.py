@@ -227,8 +227,7 @@ def test_worker_processes_give_the_same_batches(small_world):
         for a, b in zip(batches[0][epoch], batches[1][epoch]):
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["text_ids"], b["text_ids"])
             assert tok.unk_id not in a["text_ids"]  # the world's vocabulary covers its captions
-    first = {int(i): img for b in batches[1][0] for i, img in zip(b["index"], b["image"])}
-    second = {int(i): img for b in batches[1][1] for i, img in zip(b["index"], b["image"])}
+    first, second = ({int(i): img for b in epoch for i, img in zip(b["index"], b["image"])} for epoch in batches[1])
     assert any(not torch.equal(first[i], second[i]) for i in first)  # epoch 4's crops and flips are new draws
 
 
