@@ -77,6 +77,8 @@ class FinetuneConfig(training.TrainingConfig):
     rank: str = "itc+itm"  # retrieval: candidates ranked by itc | itm (ALBEF) | itc+itm (ITC logit + ITM log-odds)
     objective: str = ""  # what to train: empty = the task's (retrieval: itc_itm, as ALBEF); retrieval also takes itc
     # (the contrastive loss alone: 2 encoder passes per step instead of 5, no ITM head, so it needs --rank itc)
+    freeze_backbone: bool = False  # train the task's head only, the encoder frozen: a probe of what an --init
+    # checkpoint's representation holds (MAE's linear probing, with the task's own head)
     seed: int = 0  # data order and new-head init
     eval_every: int = 0  # steps between val evaluations (each may update best.pt); 0 = after every epoch. The last
     # step is always evaluated
@@ -357,7 +359,7 @@ def run(fc, overrides, rank, world, device, given=frozenset()):
             with torch.no_grad():
                 model.temp.fill_(cfg.itc_temp)
     objective = fc.objective or task.objective
-    model.freeze_unused_heads(objective)
+    model.freeze_unused_heads(objective, backbone=fc.freeze_backbone)
     opt, sched = training.make_optimizer(model, fc, heads=TASK_HEADS[objective], head_lr_mult=fc.head_lr_mult)
     progress = training.restore(resume, resume_path, model, opt, sched, rank, world) if resume else {}
     step = progress.get("step", 0)

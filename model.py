@@ -436,15 +436,18 @@ class EVE(nn.Module):
         if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def freeze_unused_heads(self, task):
+    def freeze_unused_heads(self, task, backbone=False):
         """Freeze the heads that `task` never uses, so that DDP finds no unused parameters
-        (no find_unused_parameters needed) and the optimizer leaves them alone."""
+        (no find_unused_parameters needed) and the optimizer leaves them alone. backbone=True freezes the
+        embeddings and the encoder too: only task's heads learn, a probe of what the representation holds."""
         used = {h for part in task.split("+") for h in TASK_HEADS.get(part, ())}
         if self.cfg.image_mask_ratio == 0:  # MSM then has nothing to reconstruct
             used.discard("decoder")
-        for head in {h for heads in TASK_HEADS.values() for h in heads} - used:
-            if hasattr(self, head):
-                getattr(self, head).requires_grad_(False)
+        if backbone:
+            self.requires_grad_(False)
+        for head in {h for heads in TASK_HEADS.values() for h in heads}:
+            if hasattr(self, head):  # a module, or a parameter (temp, mlm_bias)
+                getattr(self, head).requires_grad_(head in used)
 
     # ---- the paper's path: embed (and mask) -> encode -> decode -> loss_msm ----------------------------------
 

@@ -274,6 +274,22 @@ def test_init_from_pretrain(world, pretrained, tmp_path, capsys):
     assert not torch.equal(best["model"]["blocks.0.attn.qkv.weight"], torch.zeros(1))
 
 
+def test_freeze_backbone_trains_the_head_alone(world, pretrained, tmp_path):
+    """--freeze-backbone: after two steps every weight but the new NLVR2 head's is the checkpoint's, and the head moved
+    (from its fresh init: the same run at lr 0, same seed)."""
+    args = data_args(world, "nlvr2") + RUN + ["--max-steps", "2", "--init", str(pretrained)]
+    finetune.main(args + ["--freeze-backbone", "--out-dir", str(tmp_path / "probe")])
+    finetune.main(args + ["--lr", "0", "--out-dir", str(tmp_path / "fresh")])  # nothing moves
+    probe = torch.load(tmp_path / "probe" / "last.pt", weights_only=False)["model"]
+    fresh = torch.load(tmp_path / "fresh" / "last.pt", weights_only=False)["model"]
+    src = torch.load(pretrained, weights_only=False)["model"]
+    backbone = [k for k in src if k in probe and not k.startswith("nlvr2_head")]
+    assert "blocks.0.attn.qkv.weight" in backbone and "embed_norm.weight" in backbone
+    assert all(torch.equal(probe[k], src[k]) for k in backbone)
+    head = [k for k in probe if k.startswith("nlvr2_head")]
+    assert head and any(not torch.equal(probe[k], fresh[k]) for k in head)
+
+
 def test_init_errors(world, pretrained, tmp_path):
     args = data_args(world, "nlvr2") + RUN + ["--out-dir", str(tmp_path)]
     with pytest.raises(SystemExit, match="no such checkpoint file"):
