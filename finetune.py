@@ -6,6 +6,8 @@ the defaults of SHAPES_DEFAULTS; the README has what they reach):
     python finetune.py --task vqa          # or --task nlvr2, --task retrieval
 From a pre-trained checkpoint (the architecture and the vocabulary come from the checkpoint):
     python pretrain.py && python finetune.py --task vqa --init runs/pretrain/last.pt
+The head alone on the frozen encoder of a checkpoint (a probe of its representation):
+    python finetune.py --task nlvr2 --init runs/pretrain/last.pt --freeze-backbone --lr 1e-3
 One GPU, your own data in the ALBEF/X-VLM JSON formats:
     python finetune.py --task vqa --init base.pt --train-json vqa_train.json --val-json vqa_val.json \\
         --test-json vqa_test.json --image-root /data/coco --epochs 8 --batch-size 64 --lr 2e-5
