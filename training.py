@@ -4,6 +4,8 @@ log, clean stops on SIGINT/SIGTERM and a wall-clock budget (checkpoints: checkpo
 imported by both scripts (and by bench.py for the optimizer)."""
 import argparse
 import dataclasses
+import gc
+import importlib
 import inspect
 import itertools
 import json
@@ -109,6 +111,9 @@ def setup_distributed(seed):
     else:
         device = torch.device("cpu")
     if world > 1:
+        # DDP imports torch._dynamo, and that import keeps references to the process groups that exist then
+        # (torch 2.13), so destroy_process_group() could not free the group: imported first, it holds none
+        importlib.import_module("torch._dynamo")
         backend, restart = "nccl" if device.type == "cuda" else "gloo", restarted_by_torchrun()
         if restart:  # torchrun's store still holds the lost group's addresses (Gloo then connects to dead
             # ports): the restarted group keeps its keys apart
@@ -134,7 +139,11 @@ def data_error_exit(error):
 
 
 def cleanup_distributed():
+    """Free the process group while Python is fully alive. A Gloo group that outlives the interpreter's
+    finalisation aborts it at exit ('terminate called without an active exception'): a worker thread that drops
+    the last reference to a finished all-reduce then needs the GIL, which finalisation no longer gives."""
     if dist.is_initialized():
+        gc.collect()  # the DDP wrapper sits in a reference cycle and holds the group until it is collected
         dist.destroy_process_group()
 
 

@@ -99,6 +99,9 @@ def test_ddp_two_processes_gloo_end_with_identical_parameters(small_world, tmp_p
     assert all(torch.equal(v, r1[k]) for k, v in r0.items())
     first = torch.load(tmp_path / "run" / "ckpt_0000003.pt", weights_only=False)
     assert len(first["rng"]) == 2  # each rank's RNG state, for an exact resume
+    for rank in (0, 1):  # the process group's threads are gone when main() returns (alive at exit, they can abort it)
+        before, after = (tmp_path / f"threads{rank}").read_text().split()
+        assert after == before
 
 
 def test_default_command_reduced(tmp_path):
