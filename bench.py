@@ -540,7 +540,7 @@ def print_report(r):
         ("MFU fp32 / bf16 (against those matmuls)", f"{r['mfu_fp32']:.3f} / {num(r['mfu_bf16'], '.3f')}"),
         ("CPU (bf16 flags); bf16 probe: bf16 matmul speed-up over fp32",
          f"{r['cpu_model'] or '?'} ({' '.join(r['cpu_bf16_flags']) or 'none'}); "
-         f"{num(r['bf16_probe_speedup'], '.2f')}x"),
+         f"{num(r['bf16_probe_speedup'], '.2f')}{'' if r['bf16_probe_speedup'] is None else 'x'}"),
         (f"peak memory ({r['peak_mem_kind']})", f"{r['peak_mem_mb']:.0f} MiB"),
     ]
     if "vilt_step_s" in r:
