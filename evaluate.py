@@ -4,12 +4,15 @@ or fine-tuned checkpoints.
 Metrics (standard library + numpy only; this file imports nothing of the project, so the metrics can be
 used and tested without torch, the model or the data code):
   normalize_vqa_answer, vqa_score, vqa_accuracy   VQA v2, as GT-Vision-Lab/VQA vqaEval.py (master, a013f00)
+  fixed_answers                                    VQA's one-answer-per-question-type baseline
   retrieval_recall                                 image-text retrieval R@1/5/10, as ALBEF's itm_eval
   nlvr2_accuracy, nlvr2_consistency                NLVR2, as lil-lab/nlvr nlvr2/eval/metrics.py
 
 Score a predictions file (prints a table; --json prints one JSON object, the metrics, as the last line):
   python evaluate.py --task vqa --predictions vqa_preds.json --annotations vqa_val.json --json
   python evaluate.py --task nlvr2 --predictions nlvr2_preds.json --annotations nlvr_dev.json
+The baseline that answers each kind of question with one fixed answer (chosen on the training questions):
+  python evaluate.py --task vqa --fixed-answers data/shapes/vqa_train.json --annotations data/shapes/vqa_test.json
 Score a fine-tuned checkpoint of finetune.py on its val or test data (the data paths are stored in it):
   python evaluate.py --task retrieval --checkpoint runs/finetune_retrieval/best.pt --split test --json
   python evaluate.py --task vqa --checkpoint runs/finetune_vqa/best.pt --split test --predictions vqa_test_preds.json
@@ -180,6 +183,28 @@ def vqa_accuracy(predictions: list[dict], annotations: list[dict]) -> dict:
             "duplicates": len(predictions) - len(answers)}
 
 
+
+def fixed_answers(train: list[dict], key: str = "question_type", candidates: int = 50) -> dict:
+    """The baseline that sees neither the image nor the question's words, only its kind: for each value of
+    row[key] in `train` ("" for rows without it), the one answer with the best mean vqa_score over those rows,
+    among their `candidates` most frequent human answers (ties: the more frequent). Returns {kind: answer}."""
+    groups = defaultdict(list)  # kind -> each row's human answers
+    for i, row in enumerate(train):
+        try:
+            groups[str(row.get(key, ""))].append(human_answers(row))
+        except ValueError as e:
+            raise ValueError(f"training row {i}: {e}") from None
+    best = {}
+    for kind, rows in groups.items():
+        counts = defaultdict(int)
+        for humans in rows:
+            for a in humans:
+                counts[a] += 1
+        common = sorted(counts, key=lambda a: -counts[a])[:candidates]  # sorted() is stable: first seen first
+        best[kind] = max(common, key=lambda a: sum(vqa_score(a, humans) for humans in rows if humans))
+    return best
+
+
 # ----------------------------------------------------------------------------- retrieval
 def _target_ranks(scores: np.ndarray, rows: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """0-based rank of scores[rows[p], targets[p]] in its row sorted descending, for every pair p.
@@ -337,6 +362,26 @@ def _files(args, parser) -> tuple[list[dict], list[dict]]:
     return _read_rows(args.predictions, "predictions"), _read_rows(args.annotations, "annotations")
 
 
+def score_fixed_answers(args, parser) -> tuple[dict, list]:
+    """--fixed-answers TRAIN_JSON: score fixed_answers(TRAIN_JSON), one answer per question type, on --annotations."""
+    if not args.annotations:
+        parser.error("--fixed-answers needs --annotations (the questions to score)")
+    anns, train = _read_rows(args.annotations, "annotations"), _read_rows(args.fixed_answers, "training")
+    _require(anns, ("question_id",), args.annotations, "annotations")
+    try:
+        best = fixed_answers(train)
+    except ValueError as e:
+        raise ValueError(f"training file {args.fixed_answers}: {e}") from None
+    kind = lambda row: str(row.get("question_type", ""))  # noqa: E731
+    preds = [{"question_id": r["question_id"], "answer": best.get(kind(r), "")} for r in anns]
+    try:
+        m = vqa_accuracy(preds, anns)
+    except ValueError as e:
+        raise ValueError(f"annotations file {args.annotations}: {e}") from None
+    answers = ", ".join(f"{k or '(no type)'}: {a}" for k, a in sorted(best.items()))
+    return m, [("fixed answer per question type", answers)] + metrics_table("vqa", m)
+
+
 def score_vqa_files(args, parser) -> tuple[dict, list]:
     preds, anns = _files(args, parser)
     _require(preds, ("question_id", "answer"), args.predictions, "predictions")
@@ -418,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--annotations", help="annotations JSON (ALBEF format; official VQA files work too); "
                         "with --checkpoint, overrides the split's file stored in the checkpoint")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the metrics instead of a table")
+    parser.add_argument("--fixed-answers", metavar="TRAIN_JSON", help="vqa: score, instead of predictions, the best "
+                        "fixed answer per question_type of TRAIN_JSON (a baseline that ignores the image)")
     group = parser.add_argument_group("scoring a fine-tuned checkpoint")
     group.add_argument("--checkpoint", help="finetune.py checkpoint (best.pt): run the model instead of reading predictions")
     group.add_argument("--split", default="val", choices=["val", "test"], help="which of its data splits")
@@ -434,7 +481,10 @@ def main(argv=None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        metrics, table = score_checkpoint(args, parser) if args.checkpoint else TASKS[args.task](args, parser)
+        if args.fixed_answers and (args.task != "vqa" or args.checkpoint or args.predictions):
+            parser.error("--fixed-answers scores a VQA baseline: use it with --task vqa and --annotations only")
+        score = score_checkpoint if args.checkpoint else score_fixed_answers if args.fixed_answers else TASKS[args.task]
+        metrics, table = score(args, parser)
     except ValueError as e:  # bad data or paths: a message naming the file and row, exit code 2
         parser.error(str(e))
     if args.json:

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from evaluate import (human_answers, metrics_table, nlvr2_accuracy, nlvr2_consistency,  # noqa: E402
+from evaluate import (fixed_answers, human_answers, metrics_table, nlvr2_accuracy, nlvr2_consistency,  # noqa: E402
                       normalize_vqa_answer, retrieval_recall, vqa_accuracy, vqa_score)
 
 
@@ -273,6 +273,44 @@ def test_cli_vqa_round_trip(tmp_path):
     table = run_cli("--task", "vqa", "--predictions", p, "--annotations", a)
     assert table.returncode == 0 and "62.50" in table.stdout
     assert " by question type" in table.stdout and "  what color" in table.stdout  # the per-type rows are printed
+
+
+def fixed_answer_world():
+    """Training rows where the best fixed answer by VQA score is not each row's majority answer."""
+    train = [{"question_id": 1, "question_type": "colour", "answer": ["red"] * 10},
+             {"question_id": 2, "question_type": "colour", "answer": ["red"] * 10},
+             {"question_id": 3, "question_type": "colour", "answer": ["blue"] * 10},
+             # "square" is the most frequent answer (10) and each row's majority is another shape, but "circle"
+             # (4 of 10 in two rows) scores 1.0 + 1.0, every other answer 1.0 in one row
+             {"question_id": 4, "question_type": "shape", "answer": ["square"] * 10},
+             {"question_id": 5, "question_type": "shape", "answer": ["circle"] * 4 + ["triangle"] * 6},
+             {"question_id": 9, "question_type": "shape", "answer": ["circle"] * 4 + ["oval"] * 6},
+             {"question_id": 6, "answer": ["yes"] * 10}]  # no type: grouped under ""
+    test = [{"question_id": 7, "question_type": "colour", "answer": ["red"] * 10},
+            {"question_id": 8, "question_type": "shape", "answer": ["circle"] * 2 + ["square"] * 8}]
+    return train, test
+
+
+def test_fixed_answers_by_vqa_score_not_majority():
+    train, _ = fixed_answer_world()
+    assert fixed_answers(train) == {"colour": "red", "shape": "circle", "": "yes"}
+    with pytest.raises(ValueError, match="training row 0"):
+        fixed_answers([{"question_id": 1, "answer": 3}])
+
+
+def test_cli_fixed_answers(tmp_path):
+    train, test = fixed_answer_world()
+    t, a = write(tmp_path / "train.json", train), write(tmp_path / "test.json", test)
+    out = run_cli("--task", "vqa", "--fixed-answers", t, "--annotations", a, "--json")
+    assert out.returncode == 0, out.stderr
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    # "red" scores 1.0; "circle" against 2 circle + 8 square: 2 left-outs of 1/3 and 8 of 2/3 -> 0.6
+    assert m["vqa_accuracy"] == pytest.approx(80.0)
+    assert m["per_type"]["question_type"] == pytest.approx({"colour": 100.0, "shape": 60.0})
+    table = run_cli("--task", "vqa", "--fixed-answers", t, "--annotations", a)
+    assert "colour: red, shape: circle" in table.stdout
+    bad = run_cli("--task", "nlvr2", "--fixed-answers", t, "--annotations", a)
+    assert bad.returncode == 2 and "--task vqa" in bad.stderr
 
 
 def test_cli_nlvr2_round_trip(tmp_path):
