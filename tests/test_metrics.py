@@ -258,6 +258,13 @@ def run_cli(*args):
                           text=True, timeout=60)
 
 
+def cli_metrics(*args):
+    """evaluate.py with --json: the metrics it printed as its last line (the run must succeed)."""
+    out = run_cli(*args, "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def write(path, obj):
     path.write_text(json.dumps(obj))
     return path
@@ -266,9 +273,7 @@ def write(path, obj):
 def test_cli_vqa_round_trip(tmp_path):
     preds, anns = vqa_rows()
     p, a = write(tmp_path / "preds.json", preds), write(tmp_path / "anns.json", anns)
-    out = run_cli("--task", "vqa", "--predictions", p, "--annotations", a, "--json")
-    assert out.returncode == 0, out.stderr
-    m = json.loads(out.stdout.strip().splitlines()[-1])
+    m = cli_metrics("--task", "vqa", "--predictions", p, "--annotations", a)
     assert m["vqa_accuracy"] == pytest.approx(62.5) and m["missing"] == 1 and m["unknown"] == 1
     table = run_cli("--task", "vqa", "--predictions", p, "--annotations", a)
     assert table.returncode == 0 and "62.50" in table.stdout
@@ -301,9 +306,7 @@ def test_fixed_answers_by_vqa_score_not_majority():
 def test_cli_fixed_answers(tmp_path):
     train, test = fixed_answer_world()
     t, a = write(tmp_path / "train.json", train), write(tmp_path / "test.json", test)
-    out = run_cli("--task", "vqa", "--fixed-answers", t, "--annotations", a, "--json")
-    assert out.returncode == 0, out.stderr
-    m = json.loads(out.stdout.strip().splitlines()[-1])
+    m = cli_metrics("--task", "vqa", "--fixed-answers", t, "--annotations", a)
     # "red" scores 1.0; "circle" against 2 circle + 8 square: 2 left-outs of 1/3 and 8 of 2/3 -> 0.6
     assert m["vqa_accuracy"] == pytest.approx(80.0)
     assert m["per_type"]["question_type"] == pytest.approx({"colour": 100.0, "shape": 60.0})
@@ -322,9 +325,7 @@ def test_cli_nlvr2_round_trip(tmp_path):
              {"identifier": "dev-1-1-0", "prediction": "False"}, {"identifier": "dev-1-1-1", "prediction": "False"},
              {"identifier": "test-9-0-0", "prediction": "True"}]
     p, a = write(tmp_path / "preds.json", preds), write(tmp_path / "anns.json", anns)
-    out = run_cli("--task", "nlvr2", "--predictions", p, "--annotations", a, "--json")
-    assert out.returncode == 0, out.stderr
-    m = json.loads(out.stdout.strip().splitlines()[-1])
+    m = cli_metrics("--task", "nlvr2", "--predictions", p, "--annotations", a)
     # 3 of 5 right; sentences dev-1-_-0 right, dev-1-_-1 wrong, dev-2-_-0 missing -> 1 of 3
     assert m["nlvr2_accuracy"] == pytest.approx(60.0) and m["nlvr2_consistency"] == pytest.approx(100 / 3)
     assert (m["missing"], m["unknown"]) == (1, 1)
