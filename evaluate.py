@@ -183,7 +183,6 @@ def vqa_accuracy(predictions: list[dict], annotations: list[dict]) -> dict:
             "duplicates": len(predictions) - len(answers)}
 
 
-
 def fixed_answers(train: list[dict], key: str = "question_type", candidates: int = 50) -> dict:
     """The baseline that sees neither the image nor the question's words, only its kind: for each value of
     row[key] in `train` ("" for rows without it), the one answer with the best mean vqa_score over those rows,
