@@ -24,7 +24,7 @@ when it runs.
 import argparse
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 
@@ -183,23 +183,24 @@ def vqa_accuracy(predictions: list[dict], annotations: list[dict]) -> dict:
             "duplicates": len(predictions) - len(answers)}
 
 
-def fixed_answers(train: list[dict], key: str = "question_type", candidates: int = 50) -> dict:
-    """The baseline that sees neither the image nor the question's words, only its kind: for each value of
-    row[key] in `train` ("" for rows without it), the one answer with the best mean vqa_score over those rows,
-    among their `candidates` most frequent human answers (ties: the more frequent). Returns {kind: answer}."""
+def question_kind(row: dict) -> str:
+    """The kind of question a VQA row asks, as fixed_answers groups them: its question_type, "" without one."""
+    return str(row.get("question_type", ""))
+
+
+def fixed_answers(train: list[dict], candidates: int = 50) -> dict:
+    """The baseline that sees neither the image nor the question's words, only its kind (question_kind): for each
+    kind in `train`, the one answer with the best mean vqa_score over those rows, among their `candidates` most
+    frequent human answers (ties: the more frequent). Returns {kind: answer}."""
     groups = defaultdict(list)  # kind -> each row's human answers
     for i, row in enumerate(train):
         try:
-            groups[str(row.get(key, ""))].append(human_answers(row))
+            groups[question_kind(row)].append(human_answers(row))
         except ValueError as e:
             raise ValueError(f"training row {i}: {e}") from None
     best = {}
     for kind, rows in groups.items():
-        counts = defaultdict(int)
-        for humans in rows:
-            for a in humans:
-                counts[a] += 1
-        common = sorted(counts, key=lambda a: -counts[a])[:candidates]  # sorted() is stable: first seen first
+        common = [a for a, _ in Counter(a for humans in rows for a in humans).most_common(candidates)]
         best[kind] = max(common, key=lambda a: sum(vqa_score(a, humans) for humans in rows if humans))
     return best
 
@@ -371,8 +372,7 @@ def score_fixed_answers(args, parser) -> tuple[dict, list]:
         best = fixed_answers(train)
     except ValueError as e:
         raise ValueError(f"training file {args.fixed_answers}: {e}") from None
-    kind = lambda row: str(row.get("question_type", ""))  # noqa: E731
-    preds = [{"question_id": r["question_id"], "answer": best.get(kind(r), "")} for r in anns]
+    preds = [{"question_id": r["question_id"], "answer": best.get(question_kind(r), "")} for r in anns]
     try:
         m = vqa_accuracy(preds, anns)
     except ValueError as e:
