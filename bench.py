@@ -516,7 +516,7 @@ def run_bench(bo):
 
 def print_report(r):
     ms, G = 1e3, 1e9
-    num = lambda v, f: "skipped" if v is None else format(v, f)  # bf16 rows may be skipped
+    num = lambda v, f, unit="": "skipped" if v is None else format(v, f) + unit  # bf16 rows may be skipped
     print(f"EVE bench: preset {r['preset']}, {r['device']} {r['dtype']}, batch {r['batch_size']}, median of "
           f"{r['repeats']} after {r['warmup']} warm-up, {r['threads']} threads, load average {r['load_avg_before']:.1f}")
     rows = [
@@ -540,7 +540,7 @@ def print_report(r):
         ("MFU fp32 / bf16 (against those matmuls)", f"{r['mfu_fp32']:.3f} / {num(r['mfu_bf16'], '.3f')}"),
         ("CPU (bf16 flags); bf16 probe: bf16 matmul speed-up over fp32",
          f"{r['cpu_model'] or '?'} ({' '.join(r['cpu_bf16_flags']) or 'none'}); "
-         f"{num(r['bf16_probe_speedup'], '.2f')}{'' if r['bf16_probe_speedup'] is None else 'x'}"),
+         f"{num(r['bf16_probe_speedup'], '.2f', 'x')}"),
         (f"peak memory ({r['peak_mem_kind']})", f"{r['peak_mem_mb']:.0f} MiB"),
     ]
     if "vilt_step_s" in r:
