@@ -1,14 +1,8 @@
-"""Evaluation for EVE: the official metrics as pure functions, and a command line that scores prediction files
-or fine-tuned checkpoints.
+"""Evaluation of EVE: the compact loops that run a fine-tuned model on VQA, NLVR2 and retrieval, and the command
+line that scores prediction files or fine-tuned checkpoints with the official metrics of metrics.py.
 
-Metrics (standard library + numpy only; this file imports nothing of the project, so the metrics can be
-used and tested without torch, the model or the data code):
-  normalize_vqa_answer, vqa_score, vqa_accuracy   VQA v2, as GT-Vision-Lab/VQA vqaEval.py (master, a013f00)
-  fixed_answers                                    VQA's one-answer-per-question-type baseline
-  retrieval_recall                                 image-text retrieval R@1/5/10, as ALBEF's itm_eval
-  nlvr2_accuracy, nlvr2_consistency                NLVR2, as lil-lab/nlvr nlvr2/eval/metrics.py
-
-Score a predictions file (prints a table; --json prints one JSON object, the metrics, as the last line):
+finetune.py evaluates on val and test with evaluate_split. From the command line (a table; --json prints one
+JSON object, the metrics, as the last line):
   python evaluate.py --task vqa --predictions vqa_preds.json --annotations vqa_val.json --json
   python evaluate.py --task nlvr2 --predictions nlvr2_preds.json --annotations nlvr_dev.json
 The baseline that answers each kind of question with one fixed answer (chosen on the training questions):
@@ -17,301 +11,218 @@ Score a fine-tuned checkpoint of finetune.py on its val or test data (the data p
   python evaluate.py --task retrieval --checkpoint runs/finetune_retrieval/best.pt --split test --json
   python evaluate.py --task vqa --checkpoint runs/finetune_vqa/best.pt --split test --predictions vqa_test_preds.json
   (--annotations FILE and --image-root DIR score other data; --k-test and --rank set the retrieval re-ranking)
-Running a model (predictions, retrieval scores, a whole split) is inference.py's; the --checkpoint path imports it
-when it runs.
 """
-
 import argparse
+import contextlib
 import json
-import re
-from collections import Counter, defaultdict
+from dataclasses import dataclass
 
-import numpy as np
+import torch
+from tqdm import tqdm
 
-# ----------------------------------------------------------------------------- VQA v2
-# The tables of the official evaluation. Number words become digits ("none" counts as zero).
-_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
-_NUMBERS["none"] = "0"
-_ARTICLES = {"a", "an", "the"}
-# Words written without their apostrophe, as key:value. Lookup happens after lowercasing, so the official
-# table's capitalised keys (Im, Ive, Id've, I'dve) never fire, and "somebody'd" really maps to "somebodyd".
-_CONTRACTIONS = dict(kv.split(":") for kv in """
-aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't couldn'tve:couldn't've couldnt've:couldn't've
-didnt:didn't doesnt:doesn't dont:don't hadnt:hadn't hadnt've:hadn't've hadn'tve:hadn't've hasnt:hasn't havent:haven't
-hed:he'd hed've:he'd've he'dve:he'd've hes:he's howd:how'd howll:how'll hows:how's Id've:I'd've I'dve:I'd've Im:I'm
-Ive:I've isnt:isn't itd:it'd itd've:it'd've it'dve:it'd've itll:it'll let's:let's maam:ma'am mightnt:mightn't
-mightnt've:mightn't've mightn'tve:mightn't've mightve:might've mustnt:mustn't mustve:must've neednt:needn't
-notve:not've oclock:o'clock oughtnt:oughtn't ow's'at:'ow's'at 'ows'at:'ow's'at 'ow'sat:'ow's'at shant:shan't
-shed've:she'd've she'dve:she'd've she's:she's shouldve:should've shouldnt:shouldn't shouldnt've:shouldn't've
-shouldn'tve:shouldn't've somebody'd:somebodyd somebodyd've:somebody'd've somebody'dve:somebody'd've
-somebodyll:somebody'll somebodys:somebody's someoned:someone'd someoned've:someone'd've someone'dve:someone'd've
-someonell:someone'll someones:someone's somethingd:something'd somethingd've:something'd've
-something'dve:something'd've somethingll:something'll thats:that's thered:there'd thered've:there'd've
-there'dve:there'd've therere:there're theres:there's theyd:they'd theyd've:they'd've they'dve:they'd've
-theyll:they'll theyre:they're theyve:they've twas:'twas wasnt:wasn't wed've:we'd've we'dve:we'd've weve:we've
-werent:weren't whatll:what'll whatre:what're whats:what's whatve:what've whens:when's whered:where'd wheres:where's
-whereve:where've whod:who'd whod've:who'd've who'dve:who'd've wholl:who'll whos:who's whove:who've whyll:why'll
-whyre:why're whys:why's wont:won't wouldve:would've wouldnt:wouldn't wouldnt've:wouldn't've wouldn'tve:wouldn't've
-yall:y'all yall'll:y'all'll y'allll:y'all'll yall'd've:y'all'd've y'alld've:y'all'd've y'all'dve:y'all'd've
-youd:you'd youd've:you'd've you'dve:you'd've youll:you'll youre:you're youve:you've""".split())
-_PUNCT = ';/[]"{}()=+\\_-><@`,?!'  # the official list; "'" and ":" are kept, "." has its own rule
-_NUM_COMMA = re.compile(r"\d,\d")  # a comma inside a number, as in "1,000"
-_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit: "2." loses it, "2.5" keeps it
+import checkpoints
+import data
+import training
+from metrics import (fixed_answers, format_table, human_answers, metrics_table, nlvr2_accuracy, nlvr2_consistency,
+                     question_kind, retrieval_recall, vqa_accuracy)
+from heads import EVEWithHeads
+from model import EVEConfig
+from tokenization import tokenizer_from_state
 
 
-def _process_punctuation(text: str) -> str:
-    """The official processPunctuation.
-
-    Each character of _PUNCT is deleted where it touches a space somewhere in the text ("red, white") or where
-    the text holds a comma between digits anywhere ("1,000" -> "1000", "10,000-20,000" -> "1000020000");
-    otherwise each occurrence becomes a space ("t-shirt" -> "t shirt"). These tests look at the original
-    text, not the partly processed one. Then periods not followed by a digit are deleted. The official
-    pattern "(?!<=\\d)(\\.)(?!\\d)" starts with a mistyped look-behind that never rejects anything, and its call
-    passes re.UNICODE (= 32) as sub's `count`: only the first 32 such periods go. Both reproduced.
-    """
-    num_comma = _NUM_COMMA.search(text) is not None
-    out = text
-    for p in _PUNCT:
-        out = out.replace(p, "" if (num_comma or p + " " in text or " " + p in text) else " ")
-    return _PERIOD.sub("", out, count=32)
+@dataclass(frozen=True)
+class Task:
+    """A fine-tuning benchmark: what it trains, on which data, and which val metric picks best.pt."""
+    objective: str  # the model.TASK_HEADS part(s) it trains
+    train_set: type  # data.py class of its training JSON
+    eval_set: type  # data.py class of its val and test JSON
+    metric: str  # key of evaluate_split's metrics that selects the best checkpoint (higher is better)
 
 
-def _process_digit_article(text: str) -> str:
-    """The official processDigitArticle: lowercase, split, number words -> digits, drop articles, contractions."""
-    words = [_NUMBERS.get(w, w) for w in text.lower().split()]
-    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
+# the fine-tuning tasks: finetune.py trains them, evaluate_split scores them, ablate.py tabulates their metrics
+TASKS = {"vqa": Task("vqa", data.VQADataset, data.VQADataset, "vqa_accuracy"),
+         "nlvr2": Task("nlvr2", data.NLVR2Dataset, data.NLVR2Dataset, "nlvr2_accuracy"),
+         "retrieval": Task("itc_itm", data.RetrievalTrainDataset, data.RetrievalEvalDataset, "r_mean")}
+
+NOT_CANDIDATE = -1e4  # retrieval score of a pair outside the query's top-k ITC candidates (ALBEF: -100)
+RANK_MODES = ("itc", "itm", "itc+itm")  # how retrieval ranks a query's top-k candidates: see rerank_topk
 
 
-def _strip(answer: str) -> str:
-    """What the official evaluation does to EVERY answer, human or predicted: '\\n' and '\\t' become spaces and
-    the ends are trimmed."""
-    return answer.replace("\n", " ").replace("\t", " ").strip()
+# ----------------------------------------------------------------------------- predictions
+def _batches(loader, device, desc):
+    """The loader's batches on `device`, without the collator's count of skipped bad items (--skip-bad: they
+    get no prediction), with a progress bar named desc (none if desc is None)."""
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=desc is None):
+        batch = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items() if k != "skipped"}
+        if batch:  # empty when every item of the batch was skipped
+            yield batch
 
 
-def normalize_vqa_answer(answer: str) -> str:
-    """The official evaluation's full processing of one answer: _strip, then punctuation (_process_punctuation),
-    then lowercasing, number words, articles and contractions (_process_digit_article). vqa_score applies it only
-    where the official tool does (see there); finetune.py uses it to build answer classes and targets."""
-    return _process_digit_article(_process_punctuation(_strip(answer)))
+def _inference(device):
+    """no_grad, plus bf16 autocast on GPU (fp32 on CPU)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    stack.enter_context(training.autocast(device, "auto"))
+    return stack
 
 
-def vqa_score(prediction: str, humans: list[str]) -> float:
-    """Accuracy of one answer in [0, 1], as GT-Vision-Lab/VQA vqaEval.py at master (commit a013f00):
-
-    1. every answer, human and predicted, is _strip-ped;
-    2. only if the stripped human answers are NOT all identical, every human answer AND the prediction get the
-       full normalize_vqa_answer processing; if they are all identical, nothing more is done to either side,
-       so "Yes" or "a dog" against ten "yes" / "dog" scores 0 (the official tool does the same);
-    3. the score is the mean over the n leave-one-out subsets of the human answers of min(1, matches / 3): with
-       10 answers, 0/1/2/3/4+ matches give 0, 0.3, 0.6, 0.9, 1.0. (The official code leaves one answer out
-       by comparing answer dicts, which differ by their answer_id; each list entry here is one such answer.)
-
-    The earlier revision (before a013f00) normalised the prediction always and gave disagreeing human answers
-    punctuation processing only; humans ["dog", "dog", "a dog"] + 7 x ["puppy"] with prediction "a dog" score
-    0.6 there and 0.9 here.
-
-    OUTSIDE the official rules: a question with ONE human answer (VG-style rows), where the official formula
-    always gives 0 (leaving the only answer out leaves no match). Here both sides get normalize_vqa_answer and
-    the score is 1.0 if they are equal, else 0.0.
-    """
-    if not humans:
-        raise ValueError("vqa_score: no human answers")
-    if len(humans) == 1:  # not an official case: see the docstring
-        return float(normalize_vqa_answer(prediction) == normalize_vqa_answer(humans[0]))
-    pred, gts = _strip(prediction), [_strip(a) for a in humans]
-    if len(set(gts)) > 1:  # the humans disagree: both sides fully processed
-        pred, gts = normalize_vqa_answer(pred), [normalize_vqa_answer(a) for a in gts]
-    hits = [g == pred for g in gts]
-    m = sum(hits)  # leaving answer i out leaves m - hits[i] matching answers
-    return sum(min(1.0, (m - h) / 3) for h in hits) / len(hits)
+def predict_vqa(model, loader, answers, device):
+    """The highest-scoring answer of each question: [{"question_id", "answer"}], the VQA server's format."""
+    model.eval()
+    preds = []
+    with _inference(device):
+        for b in _batches(loader, device, "eval vqa"):
+            logits, _ = model.vqa_logits(b["image"], b["text_ids"], b["text_mask"])  # (B, num_answers)
+            preds += [{"question_id": q, "answer": answers[k]}
+                      for q, k in zip(b["question_id"].tolist(), logits.argmax(1).tolist())]
+    return preds
 
 
-def human_answers(row: dict) -> list[str]:
-    """The human answers of one VQA row: "answer": [str, ...] or str (ALBEF/X-VLM format), or the official
-    annotation files' "answers": [{"answer": str, ...}, ...]. [] when the row has none (a test split).
-    Raises ValueError when they are there but are not strings."""
-    answers = row.get("answer", row.get("answers", []))
-    if isinstance(answers, str):
-        answers = [answers]
-    if not isinstance(answers, list):
-        raise ValueError(f"expected 'answer': [str, ...] or str, got {type(answers).__name__}")
-    answers = [a.get("answer") if isinstance(a, dict) else a for a in answers]
-    if not all(isinstance(a, str) for a in answers):
-        raise ValueError("expected 'answer': [str, ...] or str (or 'answers': [{'answer': str}, ...])")
-    return answers
+def predict_nlvr2(model, loader, device):
+    """(predictions, labels, identifiers): 0/1 lists and the rows' identifiers ("" where a row has none)."""
+    model.eval()
+    preds, labels, identifiers = [], [], []
+    with _inference(device):
+        for b in _batches(loader, device, "eval nlvr2"):
+            logits, _ = model.nlvr2_logits(b["image0"], b["image1"], b["text_ids"], b["text_mask"])  # (B, 2)
+            preds += logits.argmax(1).tolist()
+            labels += b["label"].tolist()
+            identifiers += b["identifier"]
+    return preds, labels, identifiers
 
 
-def vqa_accuracy(predictions: list[dict], annotations: list[dict]) -> dict:
-    """VQA accuracy over the annotated questions, in percent at full precision (the official tool rounds to 2
-    decimals; print with :.2f). A question without a prediction scores 0 and counts in "missing";
-    predictions for questions not in the annotations count in "unknown"; repeated predictions for one
-    question (e.g. from a padded distributed sampler) count in "duplicates" and the first one is used.
-    Question ids are compared as strings, so 7 and "7" match. per_type holds the same percentage per
-    "answer_type" and per "question_type" for the rows that carry them.
-    """
-    answers = {}
-    for i, row in enumerate(predictions):
-        if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("answer"), str):
-            raise ValueError(f"predictions row {i}: expected {{'question_id': ..., 'answer': str}}")
-        answers.setdefault(str(row["question_id"]), row["answer"])
-    scores, seen, missing = [], set(), 0
-    by_type = defaultdict(lambda: defaultdict(list))  # "answer_type" -> type -> scores
-    for i, row in enumerate(annotations):
-        if not isinstance(row, dict) or "question_id" not in row:
-            raise ValueError(f"annotations row {i}: no 'question_id'")
-        qid = str(row["question_id"])
-        if qid in seen:
-            raise ValueError(f"annotations row {i}: question_id {qid} appears twice")
-        seen.add(qid)
-        try:
-            humans = human_answers(row)
-        except ValueError as e:
-            raise ValueError(f"annotations row {i}: {e}") from None
-        if not humans:
-            raise ValueError(f"annotations row {i}: no human answers (expected 'answer': [str, ...] or str)")
-        missing += qid not in answers
-        s = vqa_score(answers[qid], humans) if qid in answers else 0.0
-        scores.append(s)
-        for kind in ("answer_type", "question_type"):
-            if kind in row:
-                by_type[kind][str(row[kind])].append(s)
-    if not scores:
-        raise ValueError("annotations: no questions")
-    pct = lambda xs: 100.0 * sum(xs) / len(xs)  # noqa: E731
-    return {"vqa_accuracy": pct(scores), "per_type": {k: {t: pct(v) for t, v in d.items()} for k, d in by_type.items()},
-            "n": len(scores), "missing": missing, "unknown": len(set(answers) - seen),
-            "duplicates": len(predictions) - len(answers)}
+def rerank_topk(sim, k_test, score_pairs, rank="itc+itm", temp=1.0):
+    """ALBEF's re-ranking, with a choice of score for the candidates. sim: [N_img, N_txt] ITC similarities.
+    Every image's top k_test texts and every text's top k_test images are the candidates; score_pairs(image_idx
+    [P], text_idx [P]) -> [P] gives their ITM score (the match log-odds). rank (RANK_MODES):
+      itc      the ITC similarities themselves, no ITM (also what k_test <= 0 gives);
+      itm      a candidate's score is its ITM score alone (ALBEF's), so an untrained ITM head can scramble
+               a good ITC order;
+      itc+itm  a candidate's score is sim / temp (the ITC logit) + its ITM score: both heads vote.
+    With itm and itc+itm every other pair gets NOT_CANDIDATE, below every candidate. A pair in both candidate
+    lists is scored once. Returns (scores_i2t [N_img, N_txt], scores_t2i [N_txt, N_img])."""
+    if rank not in RANK_MODES:
+        raise ValueError(f"unknown retrieval rank mode {rank!r}; choose from {RANK_MODES}")
+    if k_test <= 0 or rank == "itc":
+        return sim.clone(), sim.t().clone()
+    n_img, n_txt = sim.shape
+    top_t = sim.topk(min(k_test, n_txt), dim=1).indices  # (N_img, k): each image's candidate texts
+    top_i = sim.t().topk(min(k_test, n_img), dim=1).indices  # (N_txt, k): each text's candidate images
+    img = torch.cat([torch.arange(n_img).repeat_interleave(top_t.shape[1]), top_i.flatten()])
+    txt = torch.cat([top_t.flatten(), torch.arange(n_txt).repeat_interleave(top_i.shape[1])])
+    pairs, where = torch.unique(img * n_txt + txt, return_inverse=True)  # sorted by image, then text
+    scores = score_pairs(pairs // n_txt, pairs % n_txt).float().cpu()[where]  # back to one score per candidate
+    if rank == "itc+itm":
+        scores = scores + sim[img, txt].float() / temp
+    i2t = torch.full((n_img, n_txt), NOT_CANDIDATE)
+    t2i = torch.full((n_txt, n_img), NOT_CANDIDATE)
+    n = top_t.numel()  # the first n candidates are the images' lists, the rest the texts'
+    i2t[img[:n], txt[:n]] = scores[:n]
+    t2i[txt[n:], img[n:]] = scores[n:]
+    return i2t, t2i
 
 
-def question_kind(row: dict) -> str:
-    """The kind of question a VQA row asks, as fixed_answers groups them: its question_type, "" without one."""
-    return str(row.get("question_type", ""))
+def retrieval_scores(model, dataset, tokenizer, k_test, device, batch_size=64, num_workers=0, rank="itc+itm"):
+    """Score matrices for retrieval_recall on a RetrievalEvalDataset: ITC similarity of every image-text pair
+    (features in batches), then re-ranking of the top k_test candidates by `rank` (rerank_topk). The ITM score
+    is the match log-odds, logit[1] - logit[0]: monotonic in the match probability, without its saturation at 1.
+    Returns (scores_i2t [N_img, N_txt], scores_t2i [N_txt, N_img]) as numpy arrays."""
+    model.eval()
+    collate = data.Collator(tokenizer, model.cfg.max_text_len)
+    images = data.make_loader(dataset, batch_size, collate, shuffle=False, num_workers=num_workers)
+    texts = collate([{"text": t} for t in dataset.texts])  # text_ids (N_txt, T), text_mask
+    img_feat = torch.zeros(len(dataset), model.cfg.itc_dim)
+    loaded = torch.zeros(len(dataset), dtype=torch.bool)  # False for images skipped as bad (skip_bad)
+    with _inference(device):
+        for b in _batches(images, device, "eval retrieval: image features"):
+            img_feat[b["index"].cpu()] = model.image_features(b["image"]).float().cpu()
+            loaded[b["index"].cpu()] = True
+        txt_feat = torch.cat([model.text_features(texts["text_ids"][s:s + batch_size].to(device),
+                                                  texts["text_mask"][s:s + batch_size].to(device)).float().cpu()
+                              for s in range(0, len(dataset.texts), batch_size)])
+    sim = img_feat @ txt_feat.t()  # (N_img, N_txt)
+    sim[~loaded] = 2 * NOT_CANDIDATE  # a skipped image is nobody's candidate
+
+    # identical captions (frequent in the shapes world) are scored once per image
+    caption_id = {}
+    uid = torch.tensor([caption_id.setdefault(t, len(caption_id)) for t in dataset.texts])  # text -> caption
+    first = torch.full((len(caption_id),), len(uid)).scatter_reduce(0, uid, torch.arange(len(uid)), "amin")
+
+    def itm_scores(img_idx, txt_idx):
+        """ITM log-odds of the pairs (sorted by image): each image is loaded once more, its pairs run in batches."""
+        pairs, where = torch.unique(img_idx * len(first) + uid[txt_idx], return_inverse=True)
+        img_idx, txt_idx = pairs // len(first), first[pairs % len(first)]
+        out = torch.full((len(pairs),), 2 * NOT_CANDIDATE)  # pairs of skipped images keep a low score
+        bar = tqdm(total=len(pairs), desc="eval retrieval: ITM re-ranking (pairs)", leave=False, dynamic_ncols=True)
+        with _inference(device):
+            for b in _batches(images, device, None):
+                index = b["index"].cpu()
+                lo, hi = torch.searchsorted(img_idx, torch.stack([index[0], index[-1] + 1])).tolist()
+                row_of = torch.full((int(index[-1] - index[0]) + 1,), -1)
+                row_of[index - index[0]] = torch.arange(len(index))  # image index -> row of this batch
+                for s in range(lo, hi, batch_size):
+                    p = torch.arange(s, min(s + batch_size, hi))
+                    rows = row_of[img_idx[p] - index[0]]
+                    p, rows = p[rows >= 0], rows[rows >= 0]
+                    if len(p):
+                        mask = texts["text_mask"][txt_idx[p]]
+                        T = int(mask.sum(1).max())  # drop the columns that are padding in every pair of the chunk
+                        ids, mask = texts["text_ids"][txt_idx[p], :T].to(device), mask[:, :T].to(device)
+                        logits, _ = model.itm_logits(b["image"][rows.to(device)], ids, mask)
+                        out[p] = (logits[:, 1] - logits[:, 0]).float().cpu()
+                bar.update(hi - lo)
+        bar.close()
+        return out[where]
+
+    i2t, t2i = rerank_topk(sim, k_test, itm_scores, rank, float(model.itc_temperature().detach()))
+    return i2t.numpy(), t2i.numpy()
 
 
-def fixed_answers(train: list[dict], candidates: int = 50) -> dict:
-    """The baseline that sees neither the image nor the question's words, only its kind (question_kind): for each
-    kind in `train`, the one answer with the best mean vqa_score over those rows, among their `candidates` most
-    frequent human answers (ties: the more frequent). Returns {kind: answer}."""
-    groups = defaultdict(list)  # kind -> each row's human answers
-    for i, row in enumerate(train):
-        try:
-            groups[question_kind(row)].append(human_answers(row))
-        except ValueError as e:
-            raise ValueError(f"training row {i}: {e}") from None
-    best = {}
-    for kind, rows in groups.items():
-        common = [a for a, _ in Counter(a for humans in rows for a in humans).most_common(candidates)]
-        best[kind] = max(common, key=lambda a: sum(vqa_score(a, humans) for humans in rows if humans))
-    return best
-
-
-# ----------------------------------------------------------------------------- retrieval
-def _target_ranks(scores: np.ndarray, rows: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """0-based rank of scores[rows[p], targets[p]] in its row sorted descending, for every pair p.
-    Ties as np.argsort(row, kind="stable")[::-1]: among equal scores the LATER column ranks first, so the rank
-    is (#greater) + (#equal in later columns); no sort needed. Chunks of rows bound the memory."""
-    out = np.empty(len(rows), dtype=np.int64)
-    cols = np.arange(scores.shape[1])
-    step = max(1, (1 << 22) // max(1, scores.shape[1]))
-    for s in range(0, len(rows), step):
-        r, t = rows[s:s + step], targets[s:s + step]
-        block = scores[r]  # (P, N)
-        target = block[np.arange(len(r)), t][:, None]  # (P, 1)
-        out[s:s + step] = (block > target).sum(1) + ((block == target) & (cols > t[:, None])).sum(1)
-    return out
-
-
-def retrieval_recall(scores_i2t: np.ndarray, scores_t2i: np.ndarray, img2txt: list[list[int]],
-                     txt2img: list[int]) -> dict:
-    """ALBEF's itm_eval. scores_i2t: [N_img, N_txt], scores_t2i: [N_txt, N_img]; img2txt[i] lists image i's
-    captions, txt2img[t] is caption t's image. An image's rank is the best rank of any of its captions in
-    its row (an image without captions is never found, like ALBEF's rank 1e20); a caption's rank is that
-    of its image in its row. R@k = percent of ranks < k. Keys: txt_r1/5/10 and txt_r_mean (image->text),
-    img_r1/5/10 and img_r_mean (text->image), r_mean (mean of the six).
-
-    Ties: ALBEF ranks by np.argsort(score)[::-1], so among equal scores the later index ranks first; that
-    holds exactly for a stable sort, which is what is used here. (numpy's default sort is not stable on
-    long rows, so ALBEF's own tie order there is arbitrary; exact ties are rare with float scores.)
-    """
-    s_i2t, s_t2i = np.asarray(scores_i2t, dtype=np.float64), np.asarray(scores_t2i, dtype=np.float64)
-    if s_i2t.ndim != 2 or s_t2i.shape != s_i2t.shape[::-1]:
-        raise ValueError(f"scores_i2t {s_i2t.shape}, scores_t2i {s_t2i.shape}: need [N_img, N_txt], [N_txt, N_img]")
-    n_img, n_txt = s_i2t.shape
-    if len(img2txt) != n_img or len(txt2img) != n_txt or n_img == 0 or n_txt == 0:
-        raise ValueError(f"need len(img2txt) == {n_img} and len(txt2img) == {n_txt}, both > 0")
-    if np.isnan(s_i2t).any() or np.isnan(s_t2i).any():
-        raise ValueError("retrieval scores contain NaN")
-    pair_img = np.array([i for i, caps in enumerate(img2txt) for _ in caps], dtype=np.int64)
-    pair_txt = np.array([c for caps in img2txt for c in caps], dtype=np.int64)
-    t2i = np.asarray(txt2img, dtype=np.int64)
-    if (pair_txt < 0).any() or (pair_txt >= n_txt).any() or (t2i < 0).any() or (t2i >= n_img).any():
-        raise ValueError("img2txt/txt2img hold an index outside the score matrices")
-    img_rank = np.full(n_img, np.inf)
-    np.minimum.at(img_rank, pair_img, _target_ranks(s_i2t, pair_img, pair_txt))  # best caption per image
-    txt_rank = _target_ranks(s_t2i, np.arange(n_txt), t2i)
-    out = {}
-    for side, ranks in (("txt", img_rank), ("img", txt_rank)):
-        for k in (1, 5, 10):
-            out[f"{side}_r{k}"] = 100.0 * float(np.mean(ranks < k))
-        out[f"{side}_r_mean"] = (out[f"{side}_r1"] + out[f"{side}_r5"] + out[f"{side}_r10"]) / 3
-    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
-    return out
-
-
-# ----------------------------------------------------------------------------- NLVR2
-def nlvr2_accuracy(predictions: list, labels: list[int]) -> float:
-    """Percent of predictions equal to their label (0/1); a None prediction (missing) counts as wrong."""
-    if len(predictions) != len(labels) or not labels:
-        raise ValueError(f"nlvr2: {len(predictions)} predictions for {len(labels)} labels")
-    return 100.0 * sum(p == y for p, y in zip(predictions, labels)) / len(labels)
-
-
-def nlvr2_consistency(identifiers: list[str] | None, predictions: list, labels: list[int]) -> float | None:
-    """Percent of sentences whose every example is predicted correctly, as the official NLVR2 script.
-
-    An identifier is split-setid-pairid-sentenceid ("dev-850-0-0"); the official script blanks the THIRD
-    field (the image pair), so a group is split + set id + sentence id: "dev-850-0-0" and "dev-850-1-0"
-    share a sentence, "dev-850-0-1" is another. None when any identifier is missing.
-    """
-    if not identifiers or not all(isinstance(x, str) and x for x in identifiers):
-        return None
-    if not len(identifiers) == len(predictions) == len(labels):
-        raise ValueError("nlvr2_consistency: identifiers, predictions and labels differ in length")
-    groups: dict[tuple, bool] = {}
-    for i, (ident, p, y) in enumerate(zip(identifiers, predictions, labels)):
-        parts = ident.split("-")
-        if len(parts) < 3:
-            raise ValueError(f"row {i}: identifier {ident!r} is not like 'dev-850-0-0'")
-        key = tuple(parts[:2] + parts[3:])
-        groups[key] = groups.get(key, True) and p == y
-    return 100.0 * sum(groups.values()) / len(groups)
-
-
-# ----------------------------------------------------------------------------- printing
-def metrics_table(task, m) -> list:
-    """(name, value) rows for printing a metrics dict (of vqa_accuracy, of the NLVR2 metrics or of
-    retrieval_recall, as inference.evaluate_split returns them)."""
+# ----------------------------------------------------------------------------- scoring a split
+def evaluate_split(task, model, tokenizer, json_path, image_root, device, answers=None, k_test=16, rank="itc+itm",
+                   batch_size=64, num_workers=0, skip_bad=False, predictions_path=None) -> dict:
+    """Metrics of `model` on one split file: vqa_accuracy (+ per_type, n, missing), nlvr2_accuracy and
+    nlvr2_consistency, or txt_r1 ... img_r10 and r_mean (k_test and rank: see rerank_topk). predictions_path:
+    where to write VQA predictions ([{"question_id", "answer"}]) or NLVR2 ones ([{"identifier" or "index",
+    "prediction"}]). VQA rows without answers (a test-dev split) give predictions only. Raises data.DataError
+    on bad data."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
+    dataset = TASKS[task].eval_set(json_path, image_root, model.cfg.image_size, skip_bad=skip_bad)
+    if task == "retrieval":
+        i2t, t2i = retrieval_scores(model, dataset, tokenizer, k_test, device, batch_size, num_workers, rank)
+        return retrieval_recall(i2t, t2i, dataset.img2txt, dataset.txt2img)
+    loader = data.make_loader(dataset, batch_size, data.Collator(tokenizer, model.cfg.max_text_len), shuffle=False,
+                              num_workers=num_workers)
     if task == "vqa":
-        if "vqa_accuracy" not in m:
-            return [("VQA accuracy", "n/a (no answers: predictions only)"), ("n", str(m["n"]))]
-        rows = [("VQA accuracy", f"{m['vqa_accuracy']:.2f}")]
-        for kind in ("answer_type", "question_type"):  # each kind the annotations carry, e.g. "yes/no", "what color"
-            per = m["per_type"].get(kind, {})
-            rows += [(f" by {kind.replace('_', ' ')}", "")] * bool(per)
-            rows += [(f"  {t}", f"{v:.2f}") for t, v in sorted(per.items())]
-        return rows + [(k, str(m[k])) for k in ("n", "missing")]
-    if task == "nlvr2":
-        cons = m["nlvr2_consistency"]
-        return [("NLVR2 accuracy", f"{m['nlvr2_accuracy']:.2f}"),
-                ("NLVR2 consistency", "n/a (no identifiers)" if cons is None else f"{cons:.2f}"), ("n", str(m["n"]))]
-    names = {"txt": "image->text", "img": "text->image"}
-    rows = [(f"{names[s]} R@{k}", f"{m[f'{s}_r{k}']:.2f}") for s in ("txt", "img") for k in (1, 5, 10)]
-    return rows + [("mean recall", f"{m['r_mean']:.2f}")]
+        rows = predict_vqa(model, loader, answers, device)
+        has_answers = all(human_answers(r) for r in dataset.rows)
+        metrics = vqa_accuracy(rows, dataset.rows) if has_answers else {"n": len(dataset.rows)}
+    else:
+        preds, labels, ids = predict_nlvr2(model, loader, device)
+        rows = [({"identifier": x} if x else {"index": i}) | {"prediction": str(bool(p))}  # index: file order
+                for i, (x, p) in enumerate(zip(ids, preds))]
+        metrics = {"nlvr2_accuracy": nlvr2_accuracy(preds, labels),
+                   "nlvr2_consistency": nlvr2_consistency(ids, preds, labels), "n": len(labels)}
+    if predictions_path:
+        with open(predictions_path, "w", encoding="utf-8") as f:
+            json.dump(rows, f)
+    return metrics
 
 
-def format_table(rows) -> str:
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}".rstrip() for k, v in rows)
+def load_finetuned(path, device):
+    """(model, tokenizer, checkpoint) of a finetune.py checkpoint (best.pt or last.pt), weights loaded strictly."""
+    ckpt = checkpoints.load_checkpoint(path)
+    if "finetune_config" not in ckpt:
+        raise ValueError(f"{path} is not a finetune.py checkpoint (no 'finetune_config'; a pretrain.py "
+                         f"checkpoint has no task head: fine-tune it first)")
+    try:
+        cfg = EVEConfig.from_dict(ckpt["config"])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    model = EVEWithHeads(cfg, **ckpt.get("heads", {})).to(device)
+    checkpoints.load_model_state(model, ckpt["model"], path)
+    return model, tokenizer_from_state(ckpt["vocab"]), ckpt
 
 
 # ----------------------------------------------------------------------------- command line: prediction files
@@ -324,20 +235,20 @@ def _read_rows(path: str, what: str) -> list[dict]:
     except OSError as e:
         raise ValueError(f"{what} file {path}: cannot read it ({e.strerror})") from None
     try:
-        data = json.loads(text)
+        rows = json.loads(text)
     except json.JSONDecodeError as e:
         try:  # JSON lines, as NLVR2's own release
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError:
             raise ValueError(f"{what} file {path}: not valid JSON ({e})") from None
-    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
-        data = data["annotations"]
-    if not isinstance(data, list):
-        raise ValueError(f"{what} file {path}: expected a JSON list of rows, got a {type(data).__name__}")
-    for i, row in enumerate(data):
+    if isinstance(rows, dict) and isinstance(rows.get("annotations"), list):
+        rows = rows["annotations"]
+    if not isinstance(rows, list):
+        raise ValueError(f"{what} file {path}: expected a JSON list of rows, got a {type(rows).__name__}")
+    for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise ValueError(f"{what} file {path} row {i}: expected an object, got {type(row).__name__}")
-    return data
+    return rows
 
 
 def _require(rows: list[dict], keys: tuple, path: str, what: str) -> None:
@@ -420,25 +331,20 @@ def score_nlvr2_files(args, parser) -> tuple[dict, list]:
 def score_checkpoint(args, parser) -> tuple[dict, list]:
     """--checkpoint: run the fine-tuned model on --split of its own data (paths stored in the checkpoint;
     --annotations and --image-root override them); --predictions then names the file to write."""
-    import torch  # the model is needed only here: the metrics above stay free of torch and the project
-    import data
-    import inference
-    import training
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, ckpt = inference.load_finetuned(args.checkpoint, device)
+    model, tokenizer, ckpt = load_finetuned(args.checkpoint, device)
     fc = ckpt["finetune_config"]
     if fc["task"] != args.task:
         raise ValueError(f"{args.checkpoint} was fine-tuned for --task {fc['task']}, not {args.task}")
     json_path = args.annotations or fc[f"{args.split}_json"]
     k_test = fc["k_test"] if args.k_test is None else args.k_test
     rank = fc.get("rank", "itm") if args.rank is None else args.rank  # checkpoints older than the option: itm
-    if rank not in inference.RANK_MODES:
-        parser.error(f"--rank must be one of {', '.join(inference.RANK_MODES)}, not {rank!r}")
+    if rank not in RANK_MODES:
+        parser.error(f"--rank must be one of {', '.join(RANK_MODES)}, not {rank!r}")
     try:
-        m = inference.evaluate_split(args.task, model, tokenizer, json_path, args.image_root or fc["image_root"],
-                                     device, answers=ckpt.get("answers"), k_test=k_test, rank=rank,
-                                     batch_size=args.batch_size, num_workers=args.num_workers,
-                                     predictions_path=args.predictions)
+        m = evaluate_split(args.task, model, tokenizer, json_path, args.image_root or fc["image_root"], device,
+                           answers=ckpt.get("answers"), k_test=k_test, rank=rank, batch_size=args.batch_size,
+                           num_workers=args.num_workers, predictions_path=args.predictions)
     except data.DataError as e:  # one clean line, also for errors raised in loader workers
         raise training.data_error_exit(e) from None
     return m, [("checkpoint", f"{args.checkpoint} (step {ckpt.get('step')})"), ("data", str(json_path))] + \
@@ -451,12 +357,12 @@ def _needs_checkpoint(args, parser):
 
 # ----------------------------------------------------------------------------- command line
 # task -> function(args, parser) returning (metrics dict, table rows) for prediction files; add tasks here
-TASKS = {"vqa": score_vqa_files, "nlvr2": score_nlvr2_files, "retrieval": _needs_checkpoint}
+FILE_SCORERS = {"vqa": score_vqa_files, "nlvr2": score_nlvr2_files, "retrieval": _needs_checkpoint}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", required=True, choices=list(TASKS), help="which benchmark to score")
+    parser.add_argument("--task", required=True, choices=list(FILE_SCORERS), help="which benchmark to score")
     parser.add_argument("--predictions", help="predictions JSON: vqa [{question_id, answer}], "
                         "nlvr2 [{identifier or index, prediction}]; with --checkpoint, the file to write them to")
     parser.add_argument("--annotations", help="annotations JSON (ALBEF format; official VQA files work too); "
@@ -482,7 +388,7 @@ def main(argv=None) -> dict:
     try:
         if args.fixed_answers and (args.task != "vqa" or args.checkpoint or args.predictions):
             parser.error("--fixed-answers scores a VQA baseline: use it with --task vqa and --annotations only")
-        score = score_checkpoint if args.checkpoint else score_fixed_answers if args.fixed_answers else TASKS[args.task]
+        score = score_checkpoint if args.checkpoint else score_fixed_answers if args.fixed_answers else FILE_SCORERS[args.task]
         metrics, table = score(args, parser)
     except ValueError as e:  # bad data or paths: a message naming the file and row, exit code 2
         parser.error(str(e))

@@ -1,4 +1,4 @@
-"""Tests for the metrics in evaluate.py against hand-computed references (no model, CPU, about a second)."""
+"""metrics.py against hand-computed references, and evaluate.py's command line (no model, CPU, about a second)."""
 
 import json
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from evaluate import (fixed_answers, human_answers, metrics_table, nlvr2_accuracy, nlvr2_consistency,  # noqa: E402
+from metrics import (fixed_answers, human_answers, metrics_table, nlvr2_accuracy, nlvr2_consistency,  # noqa: E402
                       normalize_vqa_answer, retrieval_recall, vqa_accuracy, vqa_score)
 
 
@@ -245,9 +245,9 @@ def test_nlvr2_accuracy_and_consistency():
 
 # ----------------------------------------------------------------------------- command line
 def test_metrics_import_nothing_of_the_project():
-    # evaluate.py's metrics are pure: importing it loads neither torch nor any module of this project
-    code = ("import sys, evaluate; project = {p.stem for p in __import__('pathlib').Path('.').glob('*.py')}; "
-            "print(sorted((project - {'evaluate'}) & set(sys.modules)), 'torch' in sys.modules)")
+    # metrics.py is pure: importing it loads neither torch nor any module of this project
+    code = ("import sys, metrics; project = {p.stem for p in __import__('pathlib').Path('.').glob('*.py')}; "
+            "print(sorted((project - {'metrics'}) & set(sys.modules)), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["[]", "False"]

@@ -182,7 +182,7 @@ def write_shapes_bpe(world, folder):
 def test_pretrain_resume_and_finetune_with_bpe(small_world, tmp_path):
     import torch
     import finetune
-    import inference
+    import evaluate
     import pretrain
     from conftest import TINY_MODEL_FLAGS
     words = write_shapes_bpe(small_world, tmp_path / "bpe")
@@ -204,5 +204,5 @@ def test_pretrain_resume_and_finetune_with_bpe(small_world, tmp_path):
                    "--answer-list", str(small_world["answer_list"]), "--out-dir", str(ft), "--batch-size", "4",
                    "--num-workers", "0", "--max-steps", "1", "--min-answer-count", "1"]
                   + [x for s in ("train", "val", "test") for x in (f"--{s}-json", str(small_world[f"vqa_{s}"]))])
-    _, again, _ = inference.load_finetuned(ft / "best.pt", "cpu")
+    _, again, _ = evaluate.load_finetuned(ft / "best.pt", "cpu")
     assert isinstance(again, tokenization.BytePairTokenizer) and again.state == tok.state
