@@ -1,7 +1,7 @@
 """Speed benchmarks of EVE: MSM against ITC+ITM, the MoE layer against dense and one-hot
 dispatch, model FLOP utilisation, and how a step grows with the mask ratio and resolution.
 
-CPU, 2 cores: the tiny preset (about 1 minute), then base at batch 8 (a few minutes, 8 GB):
+CPU, 2 cores: the tiny preset (a minute or two), then base at batch 8 (a few minutes, several GB):
     python bench.py --preset tiny --json bench_tiny.json
     python bench.py --preset base --repeats 3 --json bench_base.json
     python bench.py --preset tiny --tables     # also the mask-ratio, MoE token-count and resolution tables
@@ -10,15 +10,18 @@ One GPU (bf16 autocast by default there; --dtype fp32 for the fp32 figures):
     bash gpu_check.sh     # this, 20 base pre-training steps in bf16 and a 2-process torchrun: under 5 minutes
 Smoke run (one repeat): python bench.py --quick
 bf16 rows on a CPU: timed only where a small probe finds bf16 matmuls at least half as fast as fp32
-(CPUs without AVX512-BF16 or AMX emulate bf16, hundreds of times slower); --bf16 on|off forces it.
+(CPUs without AVX512-BF16 or AMX emulate bf16, far slower); --bf16 on|off forces it.
 Where the time goes (torch.profiler tables of an MSM step and of the MoE layer): add --profile
+HF ViLT against EVE of the same sizes (needs transformers; bench_peer.py says how): add --peer
+    python bench.py --preset tiny --peer --json out.json
 
 Everything runs in ONE process on the same weights and the same synthetic batch. Variants
 being compared are timed alternately (a, b, a, b, ...) after a warm-up, and the median is
 reported, so that a load spike on a shared machine hurts all of them alike. Another
 process's threads on the same cores can still slow a whole group many times over: the
 script warns when the repeats of a variant differ by more than 1.5x. Speed is never
-asserted by tests; tests/test_bench.py checks only that this script is correct.
+asserted by tests; tests/test_bench.py checks only that this script is correct. How things are
+measured (timing, FLOPs, profiles, peaks) is in profiling.py; the ViLT comparison in bench_peer.py.
 """
 import argparse
 import copy
@@ -26,28 +29,22 @@ import dataclasses
 import json
 import math
 import os
-import resource
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 
-# Transparent huge pages for CPU tensors of 2 MB or more (0 opts out): each step's fresh gradients faulted in
-# 4 KB pages slowed the MoE backward. PyTorch reads this at its first CPU allocation, so it is set before the
-# imports below (importing data.py already makes one).
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils import flop_counter  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import training  # noqa: E402
-from masking import mask_text  # noqa: E402
-from model import EVE, make_config  # noqa: E402
-from moe import MoE  # noqa: E402
-
-PAD, CLS, SEP, MASK = 0, 1, 2, 3  # the synthetic vocabulary's special ids (as in tests/test_model.py)
+import data
+import training
+from training import option
+from bench_peer import bench_peer, peer_report_rows
+from masking import mask_text
+from heads import EVEWithHeads
+from model import make_config
+from moe import MoE, MoEConfig
+from profiling import (CLS, MASK, PAD, SEP, bench_matmul, bench_memory_bandwidth, count_flops, cpu_info,
+                       make_optimizer, peak_memory_mb, print_profile, probe_bf16, time_alternating)
 DEFAULT_BATCH = {"tiny": 32, "small": 32, "base": 8, "large": 8}
 MASK_RATIOS = (0.0, 0.25, 0.5, 0.75, 0.9)  # 0.0: masked text with the full image, no pixel loss
 RESOLUTIONS = (1.0, 1.5, 2.0)  # times the preset's image size, same patch size
@@ -56,111 +53,25 @@ MOE_TOKENS = (512, 2048, 8192)  # tokens per MoE layer in the scaling table
 
 @dataclass
 class BenchOptions:
-    preset: str = "tiny"  # model preset: tiny | small | base | large
-    device: str = ""  # cpu | cuda; empty = cuda if available
-    dtype: str = ""  # fp32 | bf16; empty = bf16 on cuda, fp32 on cpu
-    batch_size: int = 0  # 0 = 32 for tiny/small, 8 for base/large
-    vocab_size: int = 0  # 0 = 1000 for tiny (a shapes-world vocabulary), else the preset's 30522
-    repeats: int = 5  # timed calls per variant; the median is reported
-    warmup: int = 2  # untimed calls per variant before timing
-    tokens: int = 0  # tokens of the MoE-layer benchmark; 0 = what the MSM batch sends through a MoE layer
-    experts: int = 32  # experts of the MoE layer in the one-hot dispatch comparison
-    capacity_factor: float = 2.0  # capacity of the one-hot baseline, a multiple of the fair share
-    matmul_size: int = 0  # side of the square matmuls that measure the peak FLOP/s; 0 = 2048 on CPU, 8192 on GPU
-    json: str = ""  # also write the results to this JSON file
-    quick: bool = False  # one repeat, one warm-up (tests, smoke runs)
-    seed: int = 0  # weights, batch and masks
-    threads: int = 0  # torch threads; 0 = torch's default. 1 on a busy shared machine: idle-waiting threads stall there
-    profile: bool = False  # also print torch.profiler's top operators of one MSM step and one MoE-layer call
-    tables: bool = False  # also time the mask-ratio, MoE token-count and resolution tables (several minutes more)
-    peer: bool = False  # also time HF transformers' ViltModel of the same sizes against this project (needs transformers)
-    bf16: str = "auto"  # rows timed in the other dtype (bf16 on CPU): auto = only where a probe finds bf16 fast | on | off
-
-
-# ---- timing, FLOPs and memory ------------------------------------------------------------
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_alternating(fns, repeats, warmup, device, desc):
-    """Median seconds per call of each function; calls are interleaved round by round."""
-    times = {name: [] for name in fns}
-    bar = tqdm(total=(warmup + repeats) * len(fns), desc=desc, file=sys.stderr, leave=False)
-    for r in range(warmup + repeats):
-        for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-            bar.update()
-    bar.close()
-    spread = max(max(t) / min(t) for t in times.values())
-    if spread > 1.5:  # e.g. other processes' threads competing for the same cores
-        print(f"warning: {desc} timings vary up to {spread:.1f}x between repeats; is the machine busy?", file=sys.stderr)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-# FlopCounterMode knows the CUDA attention kernels but not the CPU one: same formulas for it
-CPU_ATTENTION_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-        lambda q, k, v, *args, **kwargs: flop_counter.sdpa_flop_count(q, k, v),
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda grad, q, k, v, *args, **kwargs: flop_counter.sdpa_backward_flop_count(grad, q, k, v),
-}
-
-
-def count_flops(fn):
-    """FLOPs (one multiply-add = 2) of the matmuls, convolutions and attention that fn runs."""
-    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
-    with counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def print_profile(title, fn, device, rows=15):
-    """torch.profiler's operators of one call of fn (after a warm-up call), by self time: where a step goes."""
-    fn()
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        fn()
-        sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"\nprofile of {title}:\n{prof.key_averages().table(sort_by=key, row_limit=rows)}", flush=True)
-
-
-def peak_memory_mb(device):
-    """(MiB, what was measured): allocator peak on CUDA, the whole process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
-    # ru_maxrss is in KiB on Linux; it cannot be reset, so it also holds the weights and optimizer state
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu peak RSS of the process"
-
-
-def cpu_info():
-    """(model name, bf16-related CPU flags) from /proc/cpuinfo, as `lscpu` shows them; empty where unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return "", []
-    field = lambda key: next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), "")
-    return field("model name"), sorted(f for f in field("flags").split() if "bf16" in f or f.startswith("amx"))
-
-
-def probe_bf16(device, n=512, repeats=3):
-    """How many times faster an n^3 bf16 matmul is than fp32 here. CPUs without native bf16
-    instructions (AVX512-BF16 or AMX) emulate it, hundreds of times slower: this small probe
-    decides whether the bf16 rows are worth timing at all."""
-    a = torch.randn(n, n, device=device)
-    a16 = a.bfloat16()
-    t = time_alternating({"fp32": lambda: a @ a, "bf16": lambda: a16 @ a16}, repeats, 1, device, "bf16 probe")
-    return t["fp32"] / t["bf16"]
+    preset: str = option("tiny", "model preset: tiny | small | base | large")
+    device: str = option("", "cpu | cuda; empty = cuda if available")
+    dtype: str = option("", "fp32 | bf16; empty = bf16 on cuda, fp32 on cpu")
+    batch_size: int = option(0, "0 = 32 for tiny/small, 8 for base/large")
+    vocab_size: int = option(0, "0 = 1000 for tiny (a shapes-world vocabulary), else the preset's 30522")
+    repeats: int = option(5, "timed calls per variant; the median is reported")
+    warmup: int = option(2, "untimed calls per variant before timing")
+    tokens: int = option(0, "tokens of the MoE-layer benchmark; 0 = what the MSM batch sends through a MoE layer")
+    experts: int = option(32, "experts of the MoE layer in the one-hot dispatch comparison")
+    capacity_factor: float = option(2.0, "capacity of the one-hot baseline, a multiple of the fair share")
+    matmul_size: int = option(0, "side of the square matmuls that measure the peak FLOP/s; 0 = 2048 on CPU, 8192 on GPU")
+    json: str = option("", "also write the results to this JSON file")
+    quick: bool = option(False, "one repeat, one warm-up (tests, smoke runs)")
+    seed: int = option(0, "weights, batch and masks")
+    threads: int = option(0, "torch threads; 0 = torch's default. 1 on a busy shared machine: idle-waiting threads stall there")
+    profile: bool = option(False, "also print torch.profiler's top operators of one MSM step and one MoE-layer call")
+    tables: bool = option(False, "also time the mask-ratio, MoE token-count and resolution tables (several minutes more)")
+    peer: bool = option(False, "also time HF transformers' ViltModel of the same sizes against this project (needs transformers)")
+    bf16: str = option("auto", "rows timed in the other dtype (bf16 on CPU): auto = only where a probe finds bf16 fast | on | off")
 
 
 # ---- the model benchmark: one synthetic batch, one set of weights ------------------------
@@ -178,10 +89,6 @@ def make_batch(cfg, batch_size, device):
     batch = dict(image=torch.randn(B, 3, cfg.image_size, cfg.image_size), text_ids=ids, text_mask=text_mask,
                  mlm_ids=mlm_ids, mlm_labels=mlm_labels)
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def make_optimizer(model):
-    return training.adamw(model, lr=1e-5, weight_decay=0.05)  # the fused AdamW of pretrain.py
 
 
 def train_step(model, opt, batch, task, device, dtype, optimizer_step=True, mask_ratio=None):
@@ -203,7 +110,7 @@ def train_step(model, opt, batch, task, device, dtype, optimizer_step=True, mask
 def bench_training(cfg, bo, device, dtype, B, repeats, warmup, other_dtype=True):
     """MSM and ITC+ITM steps, and (other_dtype) the MSM step in the other of fp32/bf16."""
     torch.manual_seed(bo.seed)
-    model = EVE(cfg).to(device).train()
+    model = EVEWithHeads(cfg).to(device).train()
     opt = make_optimizer(model)
     batch = make_batch(cfg, B, device)
     other = "bf16" if dtype == "fp32" else "fp32"
@@ -231,90 +138,19 @@ def bench_training(cfg, bo, device, dtype, B, repeats, warmup, other_dtype=True)
 
 
 def bench_resolution(cfg, bo, device, dtype, B, repeats, warmup):
-    """MSM step time at 1x, 1.5x and 2x the image side. One model at a time (a base model with
-    its AdamW state is ~7 GB), so these rows are timed one after another, not interleaved."""
+    """MSM step time at 1x, 1.5x and 2x the image side. One model at a time (a base model and its
+    AdamW state take several GB), so these rows are timed one after another, not interleaved."""
     rows = []
     for f in RESOLUTIONS:
         size = round(cfg.image_size * f / cfg.patch_size) * cfg.patch_size
         cfg_r = dataclasses.replace(cfg, image_size=size)
         torch.manual_seed(bo.seed)
-        model = EVE(cfg_r).to(device).train()
+        model = EVEWithHeads(cfg_r).to(device).train()
         step = train_step(model, make_optimizer(model), make_batch(cfg_r, B, device), "msm", device, dtype)
         t = time_alternating({size: step}, repeats, warmup, device, f"image size {size}")
         rows.append(dict(value=size, step_s=t[size]))
         del model, step
     return rows
-
-
-# ---- the peer: HF transformers' ViLT, the same sizes and the same tokens -------------------
-
-def load_vilt():
-    """transformers is not a requirement of this project: imported here only, for --peer."""
-    try:
-        from transformers import ViltConfig, ViltModel
-    except ImportError:
-        raise SystemExit("error: --peer needs HF transformers, which this project does not require. Install it "
-                         "next to this torch, e.g. python -m venv --system-site-packages peer && peer/bin/pip "
-                         "install transformers && peer/bin/python bench.py --peer (check it kept your torch)")
-    return ViltConfig, ViltModel
-
-
-def bench_peer(cfg, bo, device, dtype, B, repeats, warmup):
-    """One training step of HF ViLT against this project's encoder with dense FFNs in every layer
-    and with the preset's own FFNs (multiway + MoE), interleaved, in this process.
-
-    Equal work: the same width, depth, heads, FFN hidden size, image and patch size and text
-    length; full-length captions and the full image (no masking), so both run every layer on
-    1 + patches image tokens plus max_text_len text tokens per sample. Equal heads: none; the
-    loss of each is the same fixed projection of the final (LayerNorm-ed) hidden states, plus the
-    MoE's load-balancing loss where there is one; ViLT without its pooler. The same fused AdamW.
-    """
-    ViltConfig, ViltModel = load_vilt()
-    vcfg = ViltConfig(hidden_size=cfg.dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads,
-                      intermediate_size=int(cfg.dim * cfg.mlp_ratio), image_size=cfg.image_size,
-                      patch_size=cfg.patch_size, max_position_embeddings=cfg.max_text_len, vocab_size=cfg.vocab_size)
-    torch.manual_seed(bo.seed)
-    models = {"vilt": ViltModel(vcfg, add_pooling_layer=False),
-              "eve_dense": EVE(dataclasses.replace(cfg, ffn="dense", top_ffn="dense")),
-              "eve_default": EVE(cfg)}
-    T, S = cfg.max_text_len, 1 + cfg.num_patches + cfg.max_text_len  # text tokens, all tokens per sample
-    images = torch.randn(B, 3, cfg.image_size, cfg.image_size, device=device)
-    ids = torch.randint(MASK + 1, cfg.vocab_size, (B, T), device=device)
-    text_mask = torch.ones(B, T, dtype=torch.long, device=device)
-    pixel_mask = torch.ones(B, cfg.image_size, cfg.image_size, dtype=torch.long, device=device)
-    # the shared "head": a fixed projection; (B, S, D), so a model with other token counts fails to broadcast
-    target = torch.randn(B, S, cfg.dim, device=device)
-
-    def make_step(name, model):
-        model.to(device).train()
-        opt = make_optimizer(model)  # parameters that get no gradient (EVE's unused heads) are skipped
-
-        def step():
-            with training.autocast(device, dtype):
-                if name == "vilt":
-                    hidden, extra = model(input_ids=ids, attention_mask=text_mask, pixel_values=images,
-                                          pixel_mask=pixel_mask).last_hidden_state, 0.0  # (B, S, D)
-                else:
-                    enc = model.encode(images, ids, text_mask.bool())
-                    hidden, extra = enc["hidden"], model.moe_summary(enc["moe"], 1).get("loss_moe", 0.0)
-            loss = (hidden.float() * target).mean() + extra
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
-
-    steps = {name: make_step(name, m) for name, m in models.items()}
-    flops = {name: count_flops(step) for name, step in steps.items()}  # also the first warm-up call
-    t = time_alternating(steps, repeats, warmup, device, "HF ViLT vs EVE")
-    if bo.profile:
-        for name in ("vilt", "eve_dense", "eve_default"):
-            print_profile(f"the peer step {name} ({bo.preset}, batch {B}, {dtype})", steps[name], device)
-    params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
-    return dict(peer_tokens_per_sample=S, vilt_params=params["vilt"], vilt_flops=flops["vilt"],
-                eve_dense_flops=flops["eve_dense"], eve_default_flops=flops["eve_default"], vilt_step_s=t["vilt"],
-                eve_dense_step_s=t["eve_dense"], eve_default_step_s=t["eve_default"],
-                eve_dense_vs_vilt_speedup=t["vilt"] / t["eve_dense"],
-                eve_default_vs_vilt_speedup=t["vilt"] / t["eve_default"])
 
 
 # ---- the MoE layer: sort-based (moe.py), dense equivalent, one-hot einsum dispatch -------
@@ -352,7 +188,7 @@ def onehot_moe(moe, x, modality, capacity_factor):
 def check_onehot(moe, x, modality, capacity_factor):
     """The baseline must compute what moe.py computes with the same capacity (same drops)."""
     ref = copy.deepcopy(moe)
-    ref.capacity_factor = capacity_factor
+    ref.cfg = dataclasses.replace(ref.cfg, capacity_factor=capacity_factor)
     with torch.no_grad():
         want, _ = ref(x, modality)
         got, dropped = onehot_moe(moe, x, modality, capacity_factor)
@@ -395,10 +231,10 @@ def bench_moe(cfg, bo, device, dtype, n_tokens, vision_share, repeats, warmup, p
     x = torch.randn(N, cfg.dim, device=device).requires_grad_()  # unit scale, like a LayerNorm output
     grad_out = torch.randn(N, cfg.dim, device=device)
     layers = {}
-    for E in (cfg.num_experts, bo.experts):  # the preset's layer, and the one for the one-hot comparison
+    for E in (cfg.moe.num_experts, bo.experts):  # the preset's layer, and the one for the one-hot comparison
         torch.manual_seed(bo.seed)
-        layers[E] = MoE(cfg.dim, hidden, E, cfg.top_k).to(device)
-    moe, moe_oh = layers[cfg.num_experts], layers[bo.experts]
+        layers[E] = MoE(cfg.dim, hidden, MoEConfig(num_experts=E, top_k=cfg.moe.top_k)).to(device)
+    moe, moe_oh = layers[cfg.moe.num_experts], layers[bo.experts]
     err, dropped = check_onehot(moe_oh, x.detach(), modality, bo.capacity_factor)
     dense = dense_equivalent(moe)
     fns = {"moe": layer_step(lambda t: moe(t, modality)[0], x, [x, *moe.parameters()], grad_out, device, dtype),
@@ -412,7 +248,7 @@ def bench_moe(cfg, bo, device, dtype, n_tokens, vision_share, repeats, warmup, p
     if profile:
         print_profile(f"the MoE layer, forward and backward ({N} tokens, {dtype})", fns["moe"], device)
     t_sorted = t.get("moe_onehot_experts", t["moe"])
-    return dict(moe_tokens=N, moe_vision_tokens=n_vis, moe_experts=cfg.num_experts, top_k=cfg.top_k,
+    return dict(moe_tokens=N, moe_vision_tokens=n_vis, moe_experts=cfg.moe.num_experts, top_k=cfg.moe.top_k,
                 moe_step_s=t["moe"], dense_equiv_step_s=t["dense"], moe_vs_dense_ratio=t["moe"] / t["dense"],
                 onehot_experts=bo.experts, onehot_capacity_factor=bo.capacity_factor, onehot_drop_fraction=dropped,
                 onehot_max_abs_err=err, moe_at_onehot_experts_step_s=t_sorted, onehot_step_s=t["onehot"],
@@ -424,27 +260,7 @@ def moe_memory_floor(cfg, bandwidth, dtype):
     the forward reads w1 and w2, the backward reads them again and writes their gradients (3 passes),
     for all experts, where the dense equivalent touches top_k experts' worth. Returns (moe_s, dense_s)."""
     weight_bytes = 2 * cfg.dim * int(cfg.dim * cfg.mlp_ratio) * (4 if dtype == "fp32" else 2)  # one expert
-    return 3 * cfg.num_experts * weight_bytes / bandwidth, 3 * cfg.top_k * weight_bytes / bandwidth
-
-
-def bench_memory_bandwidth(repeats, warmup, device, mib=256):
-    """Bytes per second of copying a large tensor into another (each byte read once and written once)."""
-    a = torch.empty(mib * 2**18, device=device).uniform_()
-    b = torch.empty_like(a)
-    t = time_alternating({"copy": lambda: b.copy_(a)}, repeats, warmup, device, "memory bandwidth")
-    return dict(memory_bandwidth_bytes_per_s=2 * a.numel() * 4 / t["copy"])
-
-
-def bench_matmul(n, repeats, warmup, device, bf16=True):
-    """Achieved FLOP/s of an n x n x n matmul in fp32 and (bf16) bf16: the peaks that MFU is measured against."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    fns = {"fp32": lambda: a @ b}
-    if bf16:
-        a16, b16 = a.bfloat16(), b.bfloat16()
-        fns["bf16"] = lambda: a16 @ b16
-    t = time_alternating(fns, repeats, warmup, device, "matmul")
-    return dict(matmul_size=n, matmul_peak_flops=2 * n**3 / t["fp32"],
-                matmul_peak_flops_bf16=2 * n**3 / t["bf16"] if bf16 else None)
+    return 3 * cfg.moe.num_experts * weight_bytes / bandwidth, 3 * cfg.moe.top_k * weight_bytes / bandwidth
 
 
 # ---- the run -------------------------------------------------------------------------------
@@ -473,7 +289,7 @@ def run_bench(bo):
                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
 
     # bf16 rows: always when the run is bf16; otherwise only where bf16 matrix math is not much slower than
-    # fp32. Emulated bf16 is hundreds of times slower, so the margin of 2x leaves room for a noisy probe
+    # fp32. Emulated bf16 is far slower than that, so the margin of 2x leaves room for a noisy probe
     res["bf16_probe_speedup"] = probe_bf16(device) if bo.bf16 == "auto" and dtype == "fp32" else None
     use_bf16 = dtype == "bf16" or bo.bf16 == "on" or (bo.bf16 == "auto" and res["bf16_probe_speedup"] >= 0.5)
     res["bf16_rows"] = use_bf16
@@ -544,13 +360,7 @@ def print_report(r):
         (f"peak memory ({r['peak_mem_kind']})", f"{r['peak_mem_mb']:.0f} MiB"),
     ]
     if "vilt_step_s" in r:
-        rows = [(f"HF ViLT training step ({r['peer_tokens_per_sample']} tokens per sample)",
-                 f"{r['vilt_step_s']:.4f} s, {r['vilt_flops'] / G:.1f} GFLOP"),
-                ("EVE, dense FFNs in every layer, same step", f"{r['eve_dense_step_s']:.4f} s, {r['eve_dense_flops'] / G:.1f} GFLOP"),
-                ("EVE, the preset's FFNs (multiway + MoE), same step",
-                 f"{r['eve_default_step_s']:.4f} s, {r['eve_default_flops'] / G:.1f} GFLOP (top-k experts: more work)"),
-                ("  speed-up over ViLT: dense / preset", f"{r['eve_dense_vs_vilt_speedup']:.2f}x / "
-                 f"{r['eve_default_vs_vilt_speedup']:.2f}x")] + rows
+        rows = peer_report_rows(r) + rows
     width = max(len(name) for name, _ in rows)
     print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
     for i, row in enumerate(r["moe_token_scaling"]):
@@ -566,9 +376,10 @@ def print_report(r):
 
 
 def main(argv=None):
+    data.use_huge_pages()  # before the first tensor
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    training.add_dataclass_args(parser, BenchOptions)
-    bo = BenchOptions(**training.pick_fields(parser.parse_args(argv), BenchOptions))
+    training.add_flags(parser, "options", dataclasses.fields(BenchOptions))
+    bo = BenchOptions(**vars(parser.parse_args(argv)))
     results = run_bench(bo)
     print_report(results)
     if bo.json:

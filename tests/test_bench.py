@@ -10,7 +10,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench  # noqa: E402
-from moe import MoE  # noqa: E402
+import bench_peer  # noqa: E402
+import profiling  # noqa: E402
+from moe import MoE, MoEConfig  # noqa: E402
 
 KEYS = ["msm_step_s", "itc_itm_step_s", "msm_vs_itc_itm_speedup", "moe_step_s", "dense_equiv_step_s",
         "moe_vs_dense_ratio", "onehot_step_s", "moe_vs_onehot_speedup", "matmul_peak_flops",
@@ -51,8 +53,8 @@ def test_slow_bf16_rows_are_skipped_with_a_reason(tmp_path, capsys, monkeypatch)
 
 
 def test_bf16_probe_and_cpu_info():
-    assert bench.probe_bf16(torch.device("cpu"), n=32, repeats=1) > 0
-    model, flags = bench.cpu_info()
+    assert profiling.probe_bf16(torch.device("cpu"), n=32, repeats=1) > 0
+    model, flags = profiling.cpu_info()
     assert isinstance(model, str) and all("bf16" in f or f.startswith("amx") for f in flags)
 
 
@@ -65,7 +67,7 @@ def test_moe_memory_floor_by_hand():
 
 def make_moe(num_experts=8, top_k=2, dim=16, hidden=24, seed=0):
     torch.manual_seed(seed)
-    moe = MoE(dim, hidden, num_experts, top_k)
+    moe = MoE(dim, hidden, MoEConfig(num_experts=num_experts, top_k=top_k))
     with torch.no_grad():  # non-zero biases and a sharper router, so every term matters
         moe.b1.normal_(std=0.1)
         moe.b2.normal_(std=0.1)
@@ -117,16 +119,16 @@ def test_flop_count_of_matmuls_is_exact():
     M, K, N = 7, 5, 3
     layer = torch.nn.Linear(K, N, bias=False)
     x = torch.randn(M, K, requires_grad=True)
-    assert bench.count_flops(lambda: layer(x)) == 2 * M * N * K
+    assert profiling.count_flops(lambda: layer(x)) == 2 * M * N * K
     # backward: the input gradient and the weight gradient, one matmul of the same size each
-    assert bench.count_flops(lambda: layer(x).sum().backward()) == 3 * 2 * M * N * K
+    assert profiling.count_flops(lambda: layer(x).sum().backward()) == 3 * 2 * M * N * K
 
 
 def test_flop_count_includes_cpu_attention():
     B, H, S, d = 2, 3, 10, 8
     q = torch.randn(B, H, S, d)
     valid = torch.ones(B, 1, 1, S, dtype=torch.bool)
-    flops = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=valid))
+    flops = profiling.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=valid))
     assert flops == 2 * (2 * B * H * S * S * d)  # q @ k^T and p @ v
 
 
@@ -144,7 +146,7 @@ def test_peer_keys_and_equal_tokens():
     """Runs where transformers is installed (it is not a project requirement), e.g. in a --system-site-packages venv."""
     pytest.importorskip("transformers")
     cfg = bench.make_config("tiny", vocab_size=100, dim=32, heads=2, depth=2)
-    res = bench.bench_peer(cfg, bench.BenchOptions(), torch.device("cpu"), "fp32", B=2, repeats=1, warmup=0)
+    res = bench_peer.bench_peer(cfg, bench.BenchOptions(), torch.device("cpu"), "fp32", B=2, repeats=1, warmup=0)
     assert res["peer_tokens_per_sample"] == 1 + 64 + 32
     for k in ("vilt_step_s", "eve_dense_step_s", "eve_default_step_s"):
         assert res[k] > 0
