@@ -8,7 +8,7 @@ at a time, and scored on test with the official metrics):
   architecture  the MoE vs multiway FFNs only vs dense FFNs (all MSM)
   claims        objectives + routing (the default): MSM > scratch, MSM >= ITC+ITM, modality-aware >= plain routing
 
-    python ablate.py                                   # the claims, 3 fine-tuning seeds (see DEFAULT_MINUTES below)
+    python ablate.py                                   # the claims, 3 fine-tuning seeds (docs/RESULTS.md: its time)
     python ablate.py --pretrain-per-seed               # every seed pre-trains anew too (3x the pre-training time)
     python ablate.py --table all --seeds 0,1           # every table
     python ablate.py --pretrain-seconds 600 --vqa-steps 1000 --train-fraction 1 --tasks vqa,nlvr2,retrieval   # all labels
@@ -21,6 +21,7 @@ and every seed's value, the pre-training steps and seconds each arm really took,
 saying whether it holds by more than the spread of the seeds.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -32,11 +33,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import inference
+import evaluate
 import training
+from training import option
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_MINUTES = 28  # measured: python ablate.py alone on the 2-core AMD EPYC (README, assets/ablate_claims.md)
 # arm name -> (pre-training objective or None, model flags)
 TABLES = {
     "objectives": {"scratch": (None, []), "msm": ("msm", []), "itc_itm": ("itc_itm", [])},
@@ -55,24 +56,24 @@ CLAIMS = {"MSM pre-training > no pre-training": ("msm", "scratch", True),
 
 @dataclass
 class AblateConfig:
-    table: str = "claims"  # claims | objectives | routing | architecture | defaults | all
-    seeds: str = "0,1,2"  # comma-separated seeds; every arm is fine-tuned once per seed
-    pretrain_per_seed: bool = False  # pre-train each arm once per seed; False: once (the first seed), every
-    # fine-tuning seed starts from that checkpoint (a third of the pre-training time for 3 seeds)
-    jobs: int = 2  # fine-tuning runs at once, each with cores / jobs threads (pre-training runs alone)
-    pretrain_seconds: float = 180.0  # wall-clock budget of each pre-training run (the same for every objective); 0 = pretrain.py's
-    # own schedule (its steps and batch)
-    tasks: str = "vqa"  # fine-tuning tasks, comma-separated: vqa, nlvr2, retrieval
-    vqa_steps: int = 200  # VQA fine-tuning steps (0 = finetune.py's default, as for the other two)
-    nlvr2_steps: int = 100  # NLVR2 fine-tuning steps
-    retrieval_steps: int = 60  # retrieval fine-tuning steps
-    train_fraction: float = 0.1  # share of each task's training rows used: a low-label setting, where pre-training
-    # matters most (1 = all)
-    batch_size: int = 64  # pre-training batch of every arm under a budget (ITC+ITM's in-batch negatives)
-    finetune_batch_size: int = 32  # fine-tuning batch
-    k_test: int = 0  # retrieval: ITM re-ranking depth; 0 = rank by ITC alone (re-ranking doubles the run); -1 = finetune.py's
-    data_dir: str = "data/shapes"  # the shapes world (generated when absent)
-    out_dir: str = "runs/ablate"  # every run's folder, results.json and results.md
+    table: str = option("claims", "claims | objectives | routing | architecture | defaults | all")
+    seeds: str = option("0,1,2", "comma-separated seeds; every arm is fine-tuned once per seed")
+    pretrain_per_seed: bool = option(False, "pre-train each arm once per seed (else once, with the first seed, and "
+                                            "every fine-tuning seed starts from that checkpoint)")
+    jobs: int = option(2, "fine-tuning runs at once, each with cores / jobs threads (pre-training runs alone)")
+    pretrain_seconds: float = option(180.0, "wall-clock budget of each pre-training run, the same for every "
+                                            "objective; 0 = pretrain.py's own steps and batch")
+    tasks: str = option("vqa", "fine-tuning tasks, comma-separated: vqa, nlvr2, retrieval")
+    vqa_steps: int = option(200, "VQA fine-tuning steps (0 = finetune.py's default, as for the other two)")
+    nlvr2_steps: int = option(100, "NLVR2 fine-tuning steps")
+    retrieval_steps: int = option(60, "retrieval fine-tuning steps")
+    train_fraction: float = option(0.1, "share of each task's training rows used: a low-label setting, where "
+                                        "pre-training matters most (1 = all)")
+    batch_size: int = option(64, "pre-training batch of every arm under a budget (ITC+ITM's in-batch negatives)")
+    finetune_batch_size: int = option(32, "fine-tuning batch")
+    k_test: int = option(0, "retrieval: ITM re-ranking depth; 0 = rank by ITC alone; -1 = finetune.py's")
+    data_dir: str = option("data/shapes", "the shapes world (generated when absent)")
+    out_dir: str = option("runs/ablate", "every run's folder, results.json and results.md")
 
 
 def run(script, *flags, threads=0):
@@ -119,7 +120,7 @@ def finetune_score(ac, task, seed, init, flags, out, threads):
         "--batch-size", ac.finetune_batch_size, *(["--k-test", ac.k_test] if ac.k_test >= 0 else []),
         "--train-fraction", ac.train_fraction, *(["--num-workers", 1] if ac.jobs > 1 else []),
         "--data-dir", ac.data_dir, "--out-dir", out, *(["--init", init] if init else flags), threads=threads)
-    return json.loads((out / "results.json").read_text())["test"][inference.TASKS[task].metric]
+    return json.loads((out / "results.json").read_text())["test"][evaluate.TASKS[task].metric]
 
 
 def mean_sd(values):
@@ -131,7 +132,7 @@ def summarise(results, tasks):
     lines = []
     for table, arms in results.items():
         lines += [f"### {table}", "", "| arm | pre-training steps (seconds) | " +
-                  " | ".join(f"{t} ({inference.TASKS[t].metric})" for t in tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+                  " | ".join(f"{t} ({evaluate.TASKS[t].metric})" for t in tasks) + " |", "|---|---|" + "---|" * len(tasks)]
         for arm, runs in arms.items():
             cells = []
             for task in tasks:
@@ -161,14 +162,14 @@ def summarise(results, tasks):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    training.add_dataclass_args(parser, AblateConfig)
-    ac = AblateConfig(**training.pick_fields(parser.parse_args(argv), AblateConfig))
+    training.add_flags(parser, "options", dataclasses.fields(AblateConfig))
+    ac = AblateConfig(**vars(parser.parse_args(argv)))
     tables = [t for t in TABLES if t != "claims"] if ac.table == "all" else [ac.table]
     if any(t not in TABLES for t in tables):
         raise SystemExit(f"error: --table must be all or one of {sorted(TABLES)}")
     tasks = ac.tasks.split(",")
-    if any(t not in inference.TASKS for t in tasks):
-        raise SystemExit(f"error: --tasks must be a comma-separated subset of {sorted(inference.TASKS)}")
+    if any(t not in evaluate.TASKS for t in tasks):
+        raise SystemExit(f"error: --tasks must be a comma-separated subset of {sorted(evaluate.TASKS)}")
     seeds = [int(s) for s in ac.seeds.split(",")]
     out_dir = Path(ac.out_dir)
     t0 = time.time()

@@ -2,8 +2,7 @@
 
 Bottom-up:
 1. `load_image`: any PNG/JPEG mode -> normalised (3, S, S) tensor; `swap_left_right` keeps a
-   caption true when its image is flipped; fine-tuning augmentation (`augment_draws`: random-resized
-   crop, colour jitter, RandAugment), written with PIL.
+   caption true when its image is flipped (the augmentation itself is augment.py's).
 2. Readers of the ALBEF/X-VLM JSON formats (pre-training, retrieval, VQA, NLVR2), one `Collator`
    and one DataLoader recipe (`make_loader`, `loader_set_epoch`) shared by all training scripts.
 The tokenizers are in tokenization.py, the synthetic shapes world in shapes.py.
@@ -12,7 +11,7 @@ Bad input data raises `DataError` naming the file, the 0-based row and the probl
 `skip_bad=True` bad rows are skipped and counted in `dataset.skipped` instead.
 """
 import json
-import math
+import os
 import random
 import re
 from collections import Counter
@@ -20,8 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+from augment import augment_draws, random_crop_box
+
+
+def use_huge_pages():
+    """Transparent huge pages for CPU tensors of 2 MB or more (THP_MEM_ALLOC_ENABLE=0 opts out): faulting in
+    each step's fresh gradients 4 KB at a time slows the MoE backward. PyTorch reads the setting once, at its
+    first CPU allocation, so every entry point calls this first in main(); no project module allocates a
+    tensor when imported (this one makes its normalisation constants on use for that reason)."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 class DataError(Exception):
@@ -43,8 +52,12 @@ def swap_left_right(text):
 # ----------------------------------------------------------------------------- images
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
-_MEAN = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
-_STD = torch.tensor(IMAGE_STD).view(3, 1, 1)
+
+
+def _mean_std(device=None):
+    """IMAGE_MEAN and IMAGE_STD as (3, 1, 1) tensors, made on use: see use_huge_pages."""
+    return (torch.tensor(IMAGE_MEAN, device=device).view(3, 1, 1),
+            torch.tensor(IMAGE_STD, device=device).view(3, 1, 1))
 
 
 def _to_rgb(img):
@@ -77,79 +90,14 @@ def load_image(path, image_size, crop=None, flip=False, transform=None):
     if transform is not None:
         img = transform(img)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
-    return (x - _MEAN) / _STD
+    mean, std = _mean_std()
+    return (x - mean) / std
 
 
 def denormalize(x):
     """Inverse of load_image's normalisation, back to [0, 1]; works on (3,S,S) and (B,3,S,S)."""
-    return (x * _STD.to(x.device) + _MEAN.to(x.device)).clamp(0, 1)
-
-
-# ----------------------------------------------------------------------------- fine-tuning augmentation
-AUGMENTS = ("none", "flip", "color", "randaug")  # FinetuneConfig.augment; every mode but none crops and flips
-RANDAUG_FILL = (128, 128, 128)  # what RandAugment's geometric ops uncover (official value)
-# RandAugment as the official VQA fine-tuning draws it (ALBEF's RandomAugment(2, 7) over these 10 ops): at magnitude
-# 7 of 10 an enhance factor of 0.7 * 1.8 + 0.1 = 1.36, shear 0.21, translation 7 px, rotation 21 degrees, each
-# geometric op in a random direction (sign).
-_AFFINE = lambda *coeffs: lambda img, sign: img.transform(  # noqa: E731
-    img.size, Image.Transform.AFFINE, tuple(c * sign if isinstance(c, float) else c for c in coeffs),
-    resample=Image.Resampling.BILINEAR, fillcolor=RANDAUG_FILL)
-RANDAUG_OPS = {
-    "identity": lambda img, sign: img,
-    "autocontrast": lambda img, sign: ImageOps.autocontrast(img),
-    "equalize": lambda img, sign: ImageOps.equalize(img),
-    "brightness": lambda img, sign: ImageEnhance.Brightness(img).enhance(1.36),
-    "sharpness": lambda img, sign: ImageEnhance.Sharpness(img).enhance(1.36),
-    "shear_x": _AFFINE(1, 0.21, 0, 0, 1, 0),  # PIL's affine maps each output pixel (x, y) to an input pixel
-    "shear_y": _AFFINE(1, 0, 0, 0.21, 1, 0),
-    "translate_x": _AFFINE(1, 0, 7.0, 0, 1, 0),
-    "translate_y": _AFFINE(1, 0, 0, 0, 1, 7.0),
-    "rotate": lambda img, sign: img.rotate(21 * sign, Image.Resampling.BILINEAR, fillcolor=RANDAUG_FILL),
-}
-
-
-def random_crop_box(rng, scale, ratio=(3 / 4, 4 / 3)):
-    """A random-resized crop as fractions (left, top, width, height): the area share uniform in `scale`, the
-    aspect ratio log-uniform in `ratio`, the sides clipped to the image (torchvision retries instead)."""
-    area, aspect = rng.uniform(*scale), math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-    w, h = min(1.0, math.sqrt(area * aspect)), min(1.0, math.sqrt(area / aspect))
-    return rng.uniform(0, 1 - w), rng.uniform(0, 1 - h), w, h
-
-
-def colour_jitter(rng, strength=0.4):
-    """PIL image -> PIL image: brightness, contrast and saturation each scaled by a factor uniform in
-    1 +- strength, in a random order (torchvision's ColorJitter(0.4, 0.4, 0.4) of the official 'color' option)."""
-    steps = [(enhance, rng.uniform(1 - strength, 1 + strength))
-             for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)]
-    rng.shuffle(steps)
-
-    def apply(img):
-        for enhance, factor in steps:
-            img = enhance(img).enhance(factor)
-        return img
-    return apply
-
-
-def rand_augment(rng, n=2, p=0.5):
-    """PIL image -> PIL image: n ops of RANDAUG_OPS drawn with replacement, each applied with probability p."""
-    names = sorted(RANDAUG_OPS)
-    ops = [(names[rng.randrange(len(names))], rng.choice((-1, 1)), rng.random() < p) for _ in range(n)]
-
-    def apply(img):
-        for name, sign, used in ops:
-            img = RANDAUG_OPS[name](img, sign) if used else img
-        return img
-    return apply
-
-
-def augment_draws(rng, mode):
-    """One training image's augmentation of `mode` (AUGMENTS), all drawn from rng now: (crop box for load_image,
-    transform or None). The official fine-tuning crop keeps 0.5-1 of the area. The flip is drawn by the dataset,
-    which also swaps left and right in the text."""
-    if mode == "none":
-        return None, None
-    crop = random_crop_box(rng, (0.5, 1.0))
-    return crop, colour_jitter(rng) if mode == "color" else rand_augment(rng) if mode == "randaug" else None
+    mean, std = _mean_std(x.device)
+    return (x * std + mean).clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------- readers of the real formats
@@ -213,7 +161,7 @@ class _JsonImageDataset(Dataset):
     def __init__(self, json_path, image_root, image_size, skip_bad=False, augment="none", seed=0):
         self.json_name, self.image_root = Path(json_path).name, Path(image_root)
         self.image_size, self.skip_bad = image_size, skip_bad
-        self.augment, self.seed = augment, seed  # fine-tuning sets: a mode of AUGMENTS
+        self.augment, self.seed = augment, seed  # fine-tuning sets: a mode of augment.AUGMENTS
         # the epoch lives in shared memory, so the loader's persistent worker processes see set_epoch
         self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
         if not self.image_root.is_dir():
@@ -428,7 +376,7 @@ def make_loader(dataset, batch_size, collator, shuffle, seed=0, num_workers=0, d
     else:
         sampler = SequentialSampler(dataset)
     sampler.base_seed = seed  # loader_set_epoch reseeds from it
-    # workers persist across epochs (starting them anew each epoch stalls training: README) and read the epoch
+    # workers persist across epochs (starting them anew each epoch stalls training) and read the epoch
     # from the dataset's shared memory; the loader's own generator keeps it from drawing worker seeds from the
     # global torch RNG
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator,

@@ -2,7 +2,7 @@
 checkpoint, and score it on test at the end.
 
 CPU, from scratch on the built-in shapes world (generated on first use; at most 5 minutes each on 2 cores with
-the defaults of SHAPES_DEFAULTS; the README has what they reach):
+the shapes table of RECIPES; docs/RESULTS.md has what they reach):
     python finetune.py --task vqa          # or --task nlvr2, --task retrieval
 From a pre-trained checkpoint (the architecture and the vocabulary come from the checkpoint):
     python pretrain.py && python finetune.py --task vqa --init runs/pretrain/last.pt
@@ -21,129 +21,98 @@ best.pt (the best val score), last.pt (for resuming), results.json, <task>_<spli
 Evaluation runs on rank 0 only, while the other ranks wait at a barrier.
 """
 import argparse
+import dataclasses
 import json
 import math
-import os
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-# Transparent huge pages for CPU tensors of 2 MB or more (0 opts out): see bench.py. Set before the
-# imports below, because PyTorch reads it at its first CPU allocation and importing data.py makes one.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-import checkpoints  # noqa: E402
-import data  # noqa: E402
-import evaluate  # noqa: E402
-import inference  # noqa: E402
-import official  # noqa: E402
-import training  # noqa: E402
-from model import EVE, OFFICIAL, TASK_HEADS, EVEConfig, make_config, resize_image_pos  # noqa: E402
-from shapes import shapes_world  # noqa: E402
-from tokenization import load_tokenizer, tokenizer_from_state  # noqa: E402
+import augment
+import checkpoints
+import data
+import evaluate
+import metrics
+import official
+import resilience
+import training
+from heads import EVEWithHeads, resize_image_pos
+from model import EVEConfig, is_official, make_config
+from shapes import shapes_world
+from tokenization import load_tokenizer, tokenizer_from_state
+from training import option
 
 
 @dataclass
 class FinetuneConfig(training.TrainingConfig):
     """finetune.py's options: the shared ones (training.TrainingConfig), its own, and its defaults."""
-    task: str = "vqa"  # vqa | nlvr2 | retrieval
-    init: str = ""  # pre-trained checkpoint to start from (pretrain.py's last.pt); empty = from scratch
-    preset: str = "tiny"  # model preset of a from-scratch run: tiny | small | base | large
-    train_json: str = ""  # your own training JSON (then also --val-json and --test-json)
-    val_json: str = ""  # evaluated after every epoch; picks best.pt
-    test_json: str = ""  # evaluated once, with best.pt, at the end
-    image_root: str = ""  # folder the JSON's image paths are relative to (default: the train JSON's folder)
-    answer_list: str = ""  # VQA answer list JSON, used with --answer-vocab list (default: the shapes world's)
-    answer_vocab: str = "counts"  # VQA classes: counts (majority answers of >= min_answer_count questions) | list
-    min_answer_count: int = 9  # VQA answer threshold; 9 on VQA v2 train+val gives the usual 3,129 answers
-    vocab: str = ""  # BERT vocab.txt of a from-scratch run (an --init run uses the checkpoint's)
-    out_dir: str = ""  # checkpoints, metrics.jsonl, results.json (default: runs/finetune_<task>)
-    epochs: float = 0.0  # passes over the training data; 0 = the task's shapes-world default (SHAPES_DEFAULTS)
-    max_steps: int = 0  # optimizer steps; 0 = epochs x steps per epoch
-    train_fraction: float = 1.0  # use this share of the training rows (the same rows for every seed): low-label runs
-    batch_size: int = 32  # per process and micro-batch
-    lr: float = 5e-4  # peak learning rate
-    head_lr_mult: float = 1.0  # the task's new head learns at head_lr_mult x lr (official EVE: 10 VQA, 2 NLVR2/retrieval)
-    warmup_steps: int = -1  # linear warm-up; -1 = warmup_ratio of all steps
-    warmup_ratio: float = 0.1  # the warm-up's share of all steps when --warmup-steps is -1 (official: 0.1, NLVR2 0.2)
-    recipe: str = "auto"  # own (these defaults) | official (OFFICIAL_RECIPE: EVE's optimizer, schedule, resolution and
-    # augmentation; flags given still win) | auto (official for the official architecture: --preset base/large, else own)
-    augment: str = "none"  # training images: none | flip (random-resized crop + flip, left/right swapped in the text) |
-    # color (flip + colour jitter 0.4) | randaug (flip + RandAugment, 2 ops at 7/10; official VQA): data.augment_draws
-    k_test: int = 16  # retrieval: ITM re-ranks each query's top k_test ITC candidates (ALBEF: 128/256); 0 = ITC only
-    rank: str = "itc+itm"  # retrieval: candidates ranked by itc | itm (ALBEF) | itc+itm (ITC logit + ITM log-odds)
-    objective: str = ""  # what to train: empty = the task's (retrieval: itc_itm, as ALBEF); retrieval also takes itc
-    # (the contrastive loss alone: 2 encoder passes per step instead of 5, no ITM head, so it needs --rank itc)
-    freeze_backbone: bool = False  # train the task's head only, the encoder frozen: a probe of what an --init
-    # checkpoint's representation holds (MAE's linear probing, with the task's own head)
-    seed: int = 0  # data order and new-head init
-    eval_every: int = 0  # steps between val evaluations (each may update best.pt); 0 = after every epoch. The last
-    # step is always evaluated
-    save_every: int = 0  # steps between resume checkpoints; 0 = at the end of every epoch
+    task: str = option("vqa", "vqa | nlvr2 | retrieval")
+    init: str = option("", "checkpoint to start from (pretrain.py's last.pt, or a released EVE one); empty = scratch")
+    val_json: str = option("", "your own val JSON (with --train-json and --test-json): picks best.pt")
+    test_json: str = option("", "your own test JSON, scored once with best.pt at the end")
+    answer_list: str = option("", "VQA: the answer list JSON of --answer-vocab list (default: the shapes world's)")
+    answer_vocab: str = option("counts", "VQA classes: counts (majority answers of >= --min-answer-count questions) "
+                                         "| list (--answer-list)")
+    min_answer_count: int = option(9, "VQA: the threshold of --answer-vocab counts")
+    out_dir: str = option("", "checkpoints, metrics.jsonl, results.json (default: runs/finetune_<task>)")
+    epochs: float = option(1.0, "passes over the training data")
+    max_steps: int = option(0, "optimizer steps; 0 = epochs x steps per epoch")
+    train_fraction: float = option(1.0, "train on this share of the rows (the same rows for every seed)")
+    head_lr_mult: float = option(1.0, "the task's new head learns at head_lr_mult x lr")
+    warmup_steps: int = option(-1, "linear warm-up steps; -1 = warmup_ratio of all steps")
+    warmup_ratio: float = 0.1  # the warm-up's share of all steps when warmup_steps is -1
+    recipe: str = option("auto", "the task's table of defaults (RECIPES): shapes | official | none; auto = official "
+                                 "for the official architecture, shapes on the shapes world, else none")
+    augment: str = option("none", "training images: none | flip | color | randaug (augment.augment_draws)")
+    k_test: int = option(16, "retrieval: ITM re-ranks each query's top k_test ITC candidates; 0 = ITC only")
+    rank: str = option("itc+itm", "retrieval: rank the candidates by itc | itm | itc+itm")
+    objective: str = option("", "what to train: empty = the task's; retrieval also takes itc (then --rank itc)")
+    freeze_backbone: bool = option(False, "train the task's head only, on the frozen encoder: a probe of --init")
+    nlvr2_head: str = option("mlp", "NLVR2 head: mlp (on both text [CLS]) | biattn (official --biattn)")
+    eval_every: int = option(0, "steps between val evaluations; 0 = after every epoch (the last step always)")
+    save_every: int = option(0, "steps between resume checkpoints; 0 = at the end of every epoch")
     keep_last: int = 2  # resume checkpoints kept
-    resume: str = ""  # auto | path of a checkpoint of this fine-tuning run (a torchrun restart continues by itself)
 
 
-# what each task trains, on which data, and its val metric: inference.TASKS
-# Each task's defaults on the shapes world with the tiny preset, sized for at most 5 minutes on 2 CPU cores (README:
-# "Fine-tuning and evaluation", measured). A flag given on the command line wins. Retrieval trains the contrastive
-# loss alone and ranks by it: a step is 2 encoder passes instead of ITC+ITM's 5, so that 5 minutes hold 4x the steps.
-# Retrieval's lr is 2e-4: at VQA's 5e-4 its seeds were erratic (README: "Retrieval's learning rate"); its ITC
-# temperature starts at 0.1, not the tiny preset's 0.3, which a pre-trained model barely moves from in 400 steps
-# (README: "Retrieval's temperature"). Model fields here (itc_temp) are set like a flag, also over an --init's value.
-SHAPES_DEFAULTS = {"vqa": dict(epochs=1.0), "nlvr2": dict(epochs=4.0),
-                   "retrieval": dict(epochs=0.64, objective="itc", rank="itc", lr=2e-4, itc_temp=0.1)}
-MODEL_FIELDS = {f.name for f in fields(EVEConfig)}
-# The official EVE fine-tuning recipe (github ssyze/EVE: configs/VQA_beit_480_vg.yaml, NLVR_vit_lrtest_5e-5.yaml,
-# Retrieval_{coco,flickr}_ft.yaml; optim.py, scheduler.py, dataset/__init__.py), used by --recipe official: AdamW
-# betas (0.9, 0.98), weight decay 0.01, decay to 0 after the warm-up, 10 epochs, the head_lr_mult of new heads (its
-# lr_mult), grad clip, the fine-tuning resolution (image_size: position embeddings resized) and augmentation per task.
-# Batch sizes (16/16/18 per GPU there) are left to --batch-size. One difference on purpose: the official NLVR2 and VQA
-# flips keep the text (VQA skips the flip when "left"/"right" occurs); here a flip swaps left and right in the text.
-OFFICIAL_RECIPE = {
-    "vqa": dict(lr=3e-5, head_lr_mult=10.0, schedule="linear", warmup_ratio=0.1, grad_clip=3.0, image_size=480,
-                augment="randaug"),
-    "nlvr2": dict(lr=5e-5, head_lr_mult=2.0, schedule="cosine", warmup_ratio=0.2, grad_clip=3.0, image_size=384,
-                  augment="flip"),
-    "retrieval": dict(lr=3e-5, head_lr_mult=2.0, schedule="linear", warmup_ratio=0.1, grad_clip=1.0, image_size=384,
-                      augment="flip"),
-}
+# the model fields a fine-tuning run may set over the preset or the --init checkpoint, with their help
+MODEL_FLAGS = {"image_size": "fine-tuning resolution (position tables are resized)",
+               "drop_path": "stochastic depth rate of the last layer", "itc_temp": "initial ITC temperature"}
+TASKS = tuple(evaluate.TASKS)
+# Each task's table of defaults, chosen by --recipe; a flag given wins, and model fields in it (itc_temp,
+# image_size) are set like flags, also over an --init checkpoint's.
+#   shapes: the built-in shapes world with the tiny preset, sized for 5 minutes on 2 CPU cores (docs/RESULTS.md).
+#     Retrieval trains the contrastive loss alone and ranks by it (2 encoder passes a step instead of ITC+ITM's 5);
+#     its seeds were erratic at VQA's lr, and a pre-trained model barely moves from the tiny preset's temperature.
+#   official: the official EVE fine-tuning (github ssyze/EVE: configs/VQA_beit_480_vg.yaml, NLVR_vit_lrtest_5e-5.yaml,
+#     Retrieval_*_ft.yaml, optim.py, scheduler.py): AdamW betas (0.9, 0.98), decay 0.01 and to 0 after the warm-up,
+#     10 epochs, the new head's lr_mult, grad clip, resolution and augmentation. Its batch sizes are left to
+#     --batch-size; its flips keep the text, here a flip swaps left and right in the text (docs/OFFICIAL.md).
 OFFICIAL_COMMON = dict(weight_decay=0.01, adam_beta2=0.98, min_lr_ratio=0.0, epochs=10.0)
-SOFT_SCORES = (0.0, 0.3, 0.6, 0.9, 1.0)  # VQA target of an answer given by 0, 1, 2, 3, 4+ annotators
+RECIPES = {
+    "shapes": {"vqa": dict(epochs=1.0), "nlvr2": dict(epochs=4.0),
+               "retrieval": dict(epochs=0.64, objective="itc", rank="itc", lr=2e-4, itc_temp=0.1)},
+    "official": {"vqa": dict(OFFICIAL_COMMON, lr=3e-5, head_lr_mult=10.0, schedule="linear", warmup_ratio=0.1,
+                             grad_clip=3.0, image_size=480, augment="randaug"),
+                 "nlvr2": dict(OFFICIAL_COMMON, lr=5e-5, head_lr_mult=2.0, schedule="cosine", warmup_ratio=0.2,
+                               grad_clip=3.0, image_size=384, augment="flip"),
+                 "retrieval": dict(OFFICIAL_COMMON, lr=3e-5, head_lr_mult=2.0, schedule="linear", warmup_ratio=0.1,
+                                   grad_clip=1.0, image_size=384, augment="flip")},
+    "none": {task: {} for task in TASKS},
+}
 
 
 # ---- VQA answers -------------------------------------------------------------------------
 
-def answer_vocabulary(rows, min_count):
-    """The answers that are the majority answer of at least min_count training questions, most frequent
-    first. Counting each question's majority answer (VQA v2's multiple_choice_answer) is the recipe of
-    bottom-up attention, ViLT and VLMo: on VQA v2 train+val with min_count=9 it gives their 3,129 classes."""
-    majority = Counter()
-    for row in rows:
-        answers = [evaluate.normalize_vqa_answer(a) for a in evaluate.human_answers(row)]
-        if answers:
-            majority[Counter(answers).most_common(1)[0][0]] += 1
-    return sorted((a for a, n in majority.items() if n >= min_count), key=lambda a: (-majority[a], a))
-
-
-def soft_scores(human_answers, answer_index):
-    """{class: soft score} of one question (SOFT_SCORES by annotator count) and how many of its human
-    answers fall outside the answer vocabulary (they are ignored)."""
-    counts = Counter(evaluate.normalize_vqa_answer(a) for a in human_answers)
-    scores = {answer_index[a]: SOFT_SCORES[min(n, 4)] for a, n in counts.items() if a in answer_index}
-    return scores, sum(n for a, n in counts.items() if a not in answer_index)
-
-
 def vqa_targets(answer_lists, answer_index):
-    """Soft targets [B, num_answers] for the binary cross-entropy of model.loss_vqa."""
+    """Soft targets [B, num_answers] for the binary cross-entropy of heads.EVEWithHeads.loss_vqa."""
     targets = torch.zeros(len(answer_lists), len(answer_index))
     for b, answers in enumerate(answer_lists):
-        for k, score in soft_scores(answers, answer_index)[0].items():
+        for k, score in metrics.soft_scores(answers, answer_index)[0].items():
             targets[b, k] = score
     return targets
 
@@ -157,17 +126,17 @@ def vqa_answers(fc, rows, verbose=True):
             raise SystemExit(f"error: --answer-list {fc.answer_list}: cannot read it ({e})") from None
         if not isinstance(listed, list) or not all(isinstance(a, str) for a in listed):
             raise SystemExit(f"error: --answer-list {fc.answer_list}: expected a JSON list of answer strings")
-        answers = list(dict.fromkeys(evaluate.normalize_vqa_answer(a) for a in listed))  # normalised, deduplicated
+        answers = list(dict.fromkeys(metrics.normalize_vqa_answer(a) for a in listed))  # normalised, deduplicated
     elif fc.answer_vocab == "counts":
-        answers = answer_vocabulary(rows, fc.min_answer_count)
+        answers = metrics.answer_vocabulary(rows, fc.min_answer_count)
     else:
         raise SystemExit(f"error: --answer-vocab must be counts or list, not {fc.answer_vocab!r}")
     if not answers:
         raise SystemExit(f"error: the answer vocabulary is empty (--answer-vocab {fc.answer_vocab}: no answer is the "
                          f"majority answer of {fc.min_answer_count} training questions, or an empty --answer-list)")
     index = {a: i for i, a in enumerate(answers)}
-    per_row = [soft_scores(evaluate.human_answers(r), index) for r in rows]
-    n_humans = sum(len(evaluate.human_answers(r)) for r in rows)
+    per_row = [metrics.soft_scores(metrics.human_answers(r), index) for r in rows]
+    n_humans = sum(len(metrics.human_answers(r)) for r in rows)
     ignored, no_target = sum(n for _, n in per_row), sum(not s for s, _ in per_row)
     if verbose:
         print(f"answer vocabulary: {len(answers)} answers ({fc.answer_vocab}); {ignored} of {n_humans} human answers "
@@ -175,83 +144,76 @@ def vqa_answers(fc, rows, verbose=True):
     return answers
 
 
-# ---- set-up ------------------------------------------------------------------------------
+# ---- set-up: the options in one order (the preset or checkpoint, the task's table, the command line) ----------
 
-def resolve_paths(fc, rank, world, given=frozenset()):
-    """The config with every data path filled in: own files, or the shapes world's for the task (and its
-    SHAPES_DEFAULTS for the fields not `given` on the command line)."""
+def recipe_of(fc, cfg):
+    """The name of the task's table that --recipe chooses for this model config."""
+    if fc.recipe not in ("auto", *RECIPES):
+        raise SystemExit(f"error: --recipe must be auto, {', '.join(RECIPES)}, not {fc.recipe!r}")
+    if fc.recipe != "auto":
+        return fc.recipe
+    return "official" if is_official(cfg) else "none" if fc.train_json else "shapes"
+
+
+def settle(given, cfg, fresh=True):
+    """(FinetuneConfig, model overrides): the task's table under the flags `given` (vars of parse_args), for a
+    model whose config so far is cfg (the preset's or the checkpoint's). fresh=False (a resumed run): the
+    model is the checkpoint's as it is."""
+    own_flags, model_flags = training.split_given(given, FinetuneConfig)
+    fc = FinetuneConfig(**own_flags)
+    if fc.task not in TASKS:
+        raise SystemExit(f"error: --task must be one of {', '.join(TASKS)}, not {fc.task!r}")
+    own_table, model_table = training.split_given(RECIPES[recipe_of(fc, cfg)][fc.task], FinetuneConfig)
+    return FinetuneConfig(**{**own_table, **own_flags}), ({**model_table, **model_flags} if fresh else {})
+
+
+def with_paths(fc, rank, world):
+    """fc with every data path filled in: own files, or the shapes world's for the task."""
     own = [fc.train_json, fc.val_json, fc.test_json]
     if any(own) and not all(own):
         raise SystemExit("error: own data needs all of --train-json, --val-json and --test-json")
-    out = {"out_dir": fc.out_dir or f"runs/finetune_{fc.task}", "epochs": fc.epochs or SHAPES_DEFAULTS[fc.task]["epochs"]}
+    out = {"out_dir": fc.out_dir or f"runs/finetune_{fc.task}"}
     if all(own):
         out["image_root"] = fc.image_root or str(Path(fc.train_json).parent)
     else:
         paths = {k: str(v) for k, v in shapes_world(fc.data_dir, rank, world).items()}
-        paired = {"objective", "rank"}  # the two go together: a given one keeps the other's own default
-        out.update({k: v for k, v in SHAPES_DEFAULTS[fc.task].items() if k != "epochs" and k not in MODEL_FIELDS
-                    and k not in given and not (k in paired and paired & set(given))})
         out.update({f"{s}_json": paths[f"{fc.task}_{s}"] for s in ("train", "val", "test")},
                    image_root=fc.image_root or paths["root"], answer_list=fc.answer_list or paths["answer_list"],
                    vocab=fc.vocab or (paths["vocab"] if not fc.init and not fc.bpe else ""))
     return replace(fc, **out)
 
 
-def model_overrides(fc, flags):
-    """The model fields to set: those given on the command line (flags), over the task's model defaults in
-    SHAPES_DEFAULTS (e.g. retrieval's itc_temp) when it trains on the shapes world."""
-    shapes = {} if fc.train_json else {k: v for k, v in SHAPES_DEFAULTS[fc.task].items() if k in MODEL_FIELDS}
-    return {**shapes, **flags}
-
-
-def base_config(fc, overrides, rank):
-    """(EVEConfig, tokenizer, init checkpoint or None) of a new run; the task fields are set later."""
+def base_model(fc):
+    """(EVEConfig before the task's table, tokenizer, --init checkpoint or None, the NLVR2 head it has or None)."""
     try:
-        given = load_tokenizer(fc.vocab, fc.bpe) if fc.vocab or fc.bpe else None
+        tokenizer = load_tokenizer(fc.vocab, fc.bpe) if fc.vocab or fc.bpe else None
     except ValueError as e:  # a missing or malformed file: one line, no traceback
         raise SystemExit(f"error: {e}") from None
     if not fc.init:
-        if given is None:
+        if tokenizer is None:
             raise SystemExit("error: own data from scratch needs --vocab (a vocab.txt) or --bpe (vocab.json + merges.txt)")
-        return make_config(fc.preset, **{"vocab_size": len(given), **overrides}), given, None
+        return make_config(fc.preset, vocab_size=len(tokenizer)), tokenizer, None, None
     if not Path(fc.init).is_file():
         raise SystemExit(f"error: --init {fc.init}: no such checkpoint file")
     ckpt = checkpoints.load_checkpoint(fc.init)
     released = official.state_dict_of(ckpt)
     if released is not None:  # a released EVE checkpoint: the architecture from its shapes, names mapped in load_init
-        if given is None:
+        if tokenizer is None:
             raise SystemExit(f"error: --init {fc.init} is an official EVE checkpoint, which carries no vocabulary: "
                              "give its tokenizer with --bpe DIR (vocab.json + merges.txt)")
-        cfg = official.official_config(released, **overrides)
-        if len(given) > cfg.vocab_size:
-            raise SystemExit(f"error: the tokenizer has {len(given)} tokens, {fc.init} embeds {cfg.vocab_size}")
-        return cfg, given, {"official": released}
+        cfg = official.official_config(released)
+        if len(tokenizer) > cfg.vocab_size:
+            raise SystemExit(f"error: the tokenizer has {len(tokenizer)} tokens, {fc.init} embeds {cfg.vocab_size}")
+        return cfg, tokenizer, {"official": released}, official.official_nlvr2_head(released)
     if not all(k in ckpt for k in ("model", "config", "vocab")):
         raise SystemExit(f"error: --init {fc.init}: not a pretrain.py checkpoint (needs model, config and vocab)")
-    tokenizer = tokenizer_from_state(ckpt["vocab"])  # the vocabulary travels in the checkpoint
-    if given is not None and given.state != tokenizer.state:
+    own = tokenizer_from_state(ckpt["vocab"])  # the vocabulary travels in the checkpoint
+    if tokenizer is not None and tokenizer.state != own.state:
         raise SystemExit(f"error: --{'bpe' if fc.bpe else 'vocab'} {fc.bpe or fc.vocab} differs from the vocabulary of {fc.init}")
-    if rank == 0 and overrides:  # e.g. --drop-path; one that changes a tensor shape fails when loading
-        print(f"overriding the checkpoint's model config with {overrides}")
-    return EVEConfig(**{**ckpt["config"], **overrides}), tokenizer, ckpt
+    return checkpoints.model_config(ckpt, fc.init, EVEConfig), own, ckpt, None
 
 
 POS_TABLES = ("image_pos", "decoder.pos_embed")  # (1, 1 + patches, D): resized when fine-tuning at another resolution
-
-
-def apply_recipe(fc, cfg, given, fresh=True):
-    """(fc, cfg) with the official recipe's values (OFFICIAL_RECIPE) for every field not `given` on the command line,
-    when --recipe official, or auto and the model is the official architecture (model.OFFICIAL's values: the base and
-    large presets, official checkpoints). fresh=False (a resumed run) keeps the checkpoint's image size."""
-    if fc.recipe not in ("auto", "own", "official"):
-        raise SystemExit(f"error: --recipe must be auto, own or official, not {fc.recipe!r}")
-    official_model = all(getattr(cfg, k) == v for k, v in OFFICIAL.items())
-    if fc.recipe == "own" or (fc.recipe == "auto" and not official_model):
-        return fc, cfg
-    values = {k: v for k, v in {**OFFICIAL_COMMON, **OFFICIAL_RECIPE[fc.task]}.items() if k not in given}
-    if fresh and "image_size" in values:
-        cfg = replace(cfg, image_size=values["image_size"])
-    return replace(fc, **{k: v for k, v in values.items() if k != "image_size"}), cfg
 
 
 def load_init(model, ckpt, source, verbose=True):
@@ -273,21 +235,11 @@ def load_init(model, ckpt, source, verbose=True):
     print(f"loaded {len(state) - len(unexpected)} tensors from {source}")
 
 
-# ---- the run -----------------------------------------------------------------------------
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    training.add_dataclass_args(parser, FinetuneConfig)
-    training.add_dataclass_args(parser, EVEConfig, defaults=False,
-                                title="model (defaults: the preset's, or with --init the checkpoint's)")
-    return parser.parse_args(argv)
-
-
 def check_choices(fc):
     """Stop with one line on a --rank or --objective this task cannot take. Returns fc."""
-    if fc.rank not in inference.RANK_MODES:
-        raise SystemExit(f"error: --rank must be one of {', '.join(inference.RANK_MODES)}, not {fc.rank!r}")
-    objectives = {inference.TASKS[fc.task].objective} | ({"itc"} if fc.task == "retrieval" else set())
+    if fc.rank not in evaluate.RANK_MODES:
+        raise SystemExit(f"error: --rank must be one of {', '.join(evaluate.RANK_MODES)}, not {fc.rank!r}")
+    objectives = {evaluate.TASKS[fc.task].objective} | ({"itc"} if fc.task == "retrieval" else set())
     if fc.objective and fc.objective not in objectives:
         raise SystemExit(f"error: --objective for --task {fc.task} must be one of {sorted(objectives)}, not {fc.objective!r}")
     if fc.objective == "itc" and fc.rank != "itc" and fc.k_test > 0:
@@ -295,44 +247,55 @@ def check_choices(fc):
     return fc
 
 
-def given_flags(argv=None):
-    """The names of the fields given on the command line (a flag given at its default value counts too)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    training.add_dataclass_args(parser, FinetuneConfig, defaults=False)
-    training.add_dataclass_args(parser, EVEConfig, defaults=False)
-    return {k for k, v in vars(parser.parse_known_args(argv)[0]).items() if v is not None}
+
+# ---- the run -----------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    """The flags given (and only those): a Namespace."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    training.add_flags(parser, "fine-tuning", dataclasses.fields(FinetuneConfig))
+    training.add_flags(parser, "model (defaults: the preset's, or with --init the checkpoint's)",
+                       training.model_fields(MODEL_FLAGS), MODEL_FLAGS)
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    fc = FinetuneConfig(**training.pick_fields(args, FinetuneConfig))
-    if fc.task not in inference.TASKS:
-        raise SystemExit(f"error: --task must be one of {sorted(inference.TASKS)}, not {fc.task!r}")
-    overrides = training.pick_fields(args, EVEConfig, skip_none=True)
-    overrides = {k: v for k, v in overrides.items() if k not in ("num_answers", "nlvr2_head")}  # set by the task
-    overrides = model_overrides(fc, overrides)
-    rank, world, _, device = training.setup_distributed(fc.seed)
+    data.use_huge_pages()  # before the first tensor
+    given = vars(parse_args(argv))
+    rank, world, _, device = training.setup_distributed(given.get("seed", FinetuneConfig.seed))
     try:
-        given = given_flags(argv)
-        return run(check_choices(resolve_paths(fc, rank, world, given)), overrides, rank, world, device, given)
+        return run(given, rank, world, device)
     except data.DataError as e:  # bad rows or images, in training or evaluation: one clean line
         raise training.data_error_exit(e) from None
     finally:
         training.cleanup_distributed()
 
 
-def run(fc, overrides, rank, world, device, given=frozenset()):
+def setup(given, rank, world):
+    """(fc, cfg, tokenizer, init checkpoint or None, resume path, resume checkpoint or None)."""
+    if given.get("task", "vqa") not in TASKS:
+        raise SystemExit(f"error: --task must be one of {', '.join(TASKS)}, not {given['task']!r}")
+    fc = with_paths(FinetuneConfig(**training.split_given(given, FinetuneConfig)[0]), rank, world)
     resume_path, resume = checkpoints.load_resume(fc.resume, fc.out_dir, verbose=rank == 0)
-    if resume:  # the run's model, vocabulary and answers are the checkpoint's
+    if resume:  # the run's model, vocabulary, heads and answers are the checkpoint's
         if resume.get("finetune_config", {}).get("task") != fc.task:
             raise SystemExit(f"error: {resume_path} is not a checkpoint of a --task {fc.task} fine-tuning run")
-        cfg, tokenizer, init = EVEConfig(**resume["config"]), tokenizer_from_state(resume["vocab"]), None
+        cfg, tokenizer, init = checkpoints.model_config(resume, resume_path, EVEConfig), tokenizer_from_state(resume["vocab"]), None
+        head = resume["heads"]["nlvr2_head"]
     else:
-        cfg, tokenizer, init = base_config(fc, overrides, rank)
-    fc, cfg = apply_recipe(fc, cfg, given, fresh=not resume)
-    if fc.augment not in data.AUGMENTS:
-        raise SystemExit(f"error: --augment must be one of {', '.join(data.AUGMENTS)}, not {fc.augment!r}")
-    task = inference.TASKS[fc.task]
+        cfg, tokenizer, init, head = base_model(fc)
+    fc, overrides = settle(given, cfg, fresh=not resume)
+    fc = check_choices(with_paths(replace(fc, nlvr2_head=head) if head and "nlvr2_head" not in given else fc, rank, world))
+    if init and overrides and rank == 0:  # e.g. --drop-path; one that changes a tensor shape fails when loading
+        print(f"overriding the checkpoint's model config with {overrides}")
+    return fc, make_config(cfg, **overrides), tokenizer, init, overrides, resume_path, resume
+
+
+def run(given, rank, world, device):
+    fc, cfg, tokenizer, init, overrides, resume_path, resume = setup(given, rank, world)
+    if fc.augment not in augment.AUGMENTS:
+        raise SystemExit(f"error: --augment must be one of {', '.join(augment.AUGMENTS)}, not {fc.augment!r}")
+    task = evaluate.TASKS[fc.task]
     train_set = task.train_set(fc.train_json, fc.image_root, cfg.image_size, skip_bad=fc.skip_bad,
                                augment=fc.augment, seed=fc.seed)
     if not 0 < fc.train_fraction <= 1:
@@ -343,7 +306,6 @@ def run(fc, overrides, rank, world, device, given=frozenset()):
     answers = None
     if fc.task == "vqa":
         answers = resume["answers"] if resume else vqa_answers(fc, train_set.rows, verbose=rank == 0)
-    cfg = replace(cfg, num_answers=len(answers) if answers else 0, nlvr2_head=fc.task == "nlvr2")
     loader = data.make_loader(train_set, fc.batch_size, data.Collator(tokenizer, cfg.max_text_len), shuffle=True,
                               seed=fc.seed, num_workers=fc.num_workers, drop_last=True, distributed=world > 1)
     steps_per_epoch = len(loader) // fc.grad_accum  # as fit() counts them
@@ -354,18 +316,31 @@ def run(fc, overrides, rank, world, device, given=frozenset()):
     fc = replace(fc, max_steps=max_steps, save_every=fc.save_every or steps_per_epoch,
                  warmup_steps=fc.warmup_steps if fc.warmup_steps >= 0 else int(max_steps * fc.warmup_ratio))
 
-    model = EVE(cfg).to(device)
+    model = EVEWithHeads(cfg, num_answers=len(answers or []), nlvr2_head=fc.nlvr2_head if fc.task == "nlvr2" else "")
+    model = model.to(device)
     if init:
         load_init(model, init, fc.init, verbose=rank == 0)
-        if "itc_temp" in overrides:  # a given (or shapes-default) starting temperature wins over the checkpoint's tensor
+        if "itc_temp" in overrides:  # a given (or the table's) starting temperature wins over the checkpoint's
             with torch.no_grad():
                 model.temp.fill_(cfg.itc_temp)
     objective = fc.objective or task.objective
     model.freeze_unused_heads(objective, backbone=fc.freeze_backbone)
-    opt, sched = training.make_optimizer(model, fc, heads=TASK_HEADS[objective], head_lr_mult=fc.head_lr_mult)
-    progress = training.restore(resume, resume_path, model, opt, sched, rank, world) if resume else {}
-    step = progress.get("step", 0)
-    out_dir, key = Path(fc.out_dir), task.metric
+    opt, sched = training.make_optimizer(model, fc, heads=model.TASK_HEADS[objective], head_lr_mult=fc.head_lr_mult)
+    progress = checkpoints.restore(resume, resume_path, model, opt, sched, rank, world) if resume else {}
+    if rank == 0:
+        print(cfg)
+        print(f"{fc.task}: {len(train_set)} training rows, {steps_per_epoch} steps per epoch, {max_steps} steps, "
+              f"device {device}, {world} process(es)"
+              + (f", resumed from {resume_path} at step {progress['step']}" if resume else ""))
+    return train_and_test(fc, model, tokenizer, answers, loader, opt, sched, objective, progress, resume,
+                          device, rank, world)
+
+
+def train_and_test(fc, model, tokenizer, answers, loader, opt, sched, objective, progress, resume, device, rank, world):
+    """Train, score val after every epoch (or --eval-every steps) and keep the best in best.pt, then score test
+    with it. Returns results.json's dict on rank 0 (None elsewhere, or when stopped early)."""
+    steps_per_epoch, key = len(loader) // fc.grad_accum, evaluate.TASKS[fc.task].metric
+    out_dir = Path(fc.out_dir)
     best_path = out_dir / "best.pt"
     best = {"metric": -math.inf, "step": 0, "val": None}  # the val score of best.pt
     if resume:  # best.pt may be newer than the resume checkpoint
@@ -373,30 +348,26 @@ def run(fc, overrides, rank, world, device, given=frozenset()):
     log = training.MetricsLog(out_dir / "metrics.jsonl", enabled=rank == 0)
 
     def state():  # what every checkpoint holds besides the weights and the optimizer
-        return dict(config=asdict(cfg), finetune_config=asdict(fc), vocab=tokenizer.state, answers=answers, best=best)
-
-    if rank == 0:
-        print(cfg)
-        print(f"{fc.task}: {len(train_set)} training rows, {steps_per_epoch} steps per epoch, {max_steps} steps, "
-              f"device {device}, {world} process(es)" + (f", resumed from {resume_path} at step {step}" if resume else ""))
+        return dict(config=asdict(model.cfg), heads=model.heads_config(), finetune_config=asdict(fc),
+                    vocab=tokenizer.state, answers=answers, best=best)
 
     def score(split, step):
         predictions = out_dir / f"{fc.task}_{split}_predictions.json" if fc.task != "retrieval" else None
-        metrics = inference.evaluate_split(fc.task, model, tokenizer, getattr(fc, f"{split}_json"), fc.image_root,
-                                           device, answers=answers, k_test=fc.k_test, rank=fc.rank,
-                                           batch_size=2 * fc.batch_size, num_workers=fc.num_workers,
-                                           skip_bad=fc.skip_bad, predictions_path=predictions)
-        log.write(step=step, split=split, **metrics)
-        return metrics
+        scores = evaluate.evaluate_split(fc.task, model, tokenizer, getattr(fc, f"{split}_json"), fc.image_root,
+                                         device, answers=answers, k_test=fc.k_test, rank=fc.rank,
+                                         batch_size=2 * fc.batch_size, num_workers=fc.num_workers,
+                                         skip_bad=fc.skip_bad, predictions_path=predictions)
+        log.write(step=step, split=split, **scores)
+        return scores
 
     def after_step(step, batch, out):
-        if step % (fc.eval_every or steps_per_epoch) and step != max_steps:
+        if step % (fc.eval_every or steps_per_epoch) and step != fc.max_steps:
             return
         if rank == 0:  # one process evaluates the whole split; the others wait below
-            metrics = score("val", step)
-            print(f"\nval at step {step} (epoch {step / steps_per_epoch:.2f}): {key} {metrics.get(key, math.nan):.2f}")
-            if key not in metrics or metrics[key] > best["metric"]:  # no score (VQA val without answers): the latest
-                best.update(metric=metrics.get(key, -math.inf), step=step, val=metrics)
+            val = score("val", step)
+            print(f"\nval at step {step} (epoch {step / steps_per_epoch:.2f}): {key} {val.get(key, math.nan):.2f}")
+            if key not in val or val[key] > best["metric"]:  # no score (VQA val without answers): the latest
+                best.update(metric=val.get(key, -math.inf), step=step, val=val)
                 checkpoints.atomic_save(dict(model=model.state_dict(), step=step, **state()), best_path)
             model.train()
         if world > 1:
@@ -405,9 +376,9 @@ def run(fc, overrides, rank, world, device, given=frozenset()):
     index = {a: i for i, a in enumerate(answers or [])}
     prepare = (lambda b: {**b, "vqa_targets": vqa_targets(b["answers"], index).to(device)}) if answers else None
     t0 = time.time()
-    step = training.fit(model, loader, opt, sched, fc, objective, device, rank, world, progress, prepare=prepare,
-                        after_step=after_step, extra_state=state, desc=f"finetune {fc.task}")
-    if rank != 0 or step < max_steps:  # stopped by a signal: no test yet
+    step = training.fit(model, loader, opt, sched, fc, objective, device, rank, world,
+                        resilience.Run(progress, extra_state=state), prepare=prepare, after_step=after_step)
+    if rank != 0 or step < fc.max_steps:  # stopped by a signal: no test yet
         return None
     fit_s = time.time() - t0
     checkpoints.load_model_state(model, checkpoints.load_checkpoint(best_path)["model"], best_path)
@@ -416,7 +387,7 @@ def run(fc, overrides, rank, world, device, given=frozenset()):
                "test": test, "fit_seconds": round(fit_s), "test_seconds": round(time.time() - t0 - fit_s)}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\ntest ({fc.test_json}, best val step {best['step']}):")
-    print(evaluate.format_table(evaluate.metrics_table(fc.task, test)))
+    print(metrics.format_table(metrics.metrics_table(fc.task, test)))
     print(f"results: {out_dir / 'results.json'}")
     return results
 

@@ -120,3 +120,18 @@ def mask_text(input_ids, special_ids, mask_token_id, vocab_size, mask_ratio=0.5,
         random_ids = torch.where(random_ids == s, torch.full_like(random_ids, mask_token_id), random_ids)
     masked = torch.where(to_random, random_ids, masked)
     return masked, labels
+
+
+def sincos_2d(dim, side):
+    """MAE's fixed 2D sine-cosine position table for a side x side patch grid: [side*side, dim], row-major. Half
+    of the channels encode the row, half the column, each as sines and cosines of geometric frequencies."""
+    if dim % 4:
+        raise ValueError(f"sincos position embeddings need a width divisible by 4, got {dim}")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
+                                indexing="ij")
+
+    def encode(coord):  # (side*side,) -> (side*side, dim/2)
+        angles = coord.flatten()[:, None] * freqs[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()

@@ -18,6 +18,7 @@ its helpers.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -51,6 +52,44 @@ def router_z_loss(router_logits: Tensor) -> Tensor:
     return torch.logsumexp(router_logits.float(), dim=-1).square().mean()
 
 
+@dataclass
+class MoEConfig:
+    """The options of a modality-aware MoE layer; EVEConfig carries one and Block passes it whole to MoE."""
+    num_experts: int = 8  # experts per MoE layer
+    top_k: int = 2  # experts per token
+    modality_routing: bool = True  # the router is told each token's modality (EVE's modality-aware routing)
+    capacity_factor: float = 0.0  # expert capacity as a multiple of the fair share; 0 = dropless
+    min_capacity: int = 0  # with capacity_factor > 0, each expert keeps at least this many assignments
+    router_jitter: float = 0.0  # multiplicative router-input noise, training only
+    aux_weight: float = 0.001  # load-balancing loss weight (official EVE's value)
+    z_weight: float = 0.0  # router z-loss weight
+    # official EVE's gating (DeepSpeed's top2gating); OFFICIAL_GATING switches all four on, each is a switch alone
+    renorm_kept: bool = False  # a token's top-k weights renormalised over the assignments capacity kept
+    sample_second: bool = False  # in training, the experts after the first are drawn by Gumbel-max from the logits
+    embed_to_experts: bool = False  # the experts get x + modality embedding (the router's input), not x
+    aux_official: bool = False  # load-balancing loss of first choices only, averaged (not summed) over MoE layers
+
+
+OFFICIAL_GATING = dict(capacity_factor=1.0, min_capacity=4, renorm_kept=True, sample_second=True,
+                       embed_to_experts=True, aux_official=True)
+
+
+def moe_summary(stats, passes, cfg: MoEConfig) -> dict:
+    """The MoE part of a task's losses, from the stats of every MoE layer of `passes` encoder passes: the
+    auxiliary loss averaged over passes (and, official, over layers), the per-layer expert load summed."""
+    if not stats:
+        return {}
+    n_layers = len(stats) // passes
+    aux = sum(s["aux_loss"] for s in stats) / passes  # summed over layers
+    if cfg.aux_official:
+        aux = aux / n_layers  # official EVE averages over its MoE layers
+    z = sum(s["z_loss"] for s in stats) / passes
+    load = [sum(s["tokens_per_expert"] for s in stats[i::n_layers]) for i in range(n_layers)]
+    return {"loss_moe": cfg.aux_weight * aux + cfg.z_weight * z,
+            "moe_aux": aux.detach() / n_layers, "moe_load": load,  # load[i]: (modalities, experts)
+            "moe_drop": sum(s["drop_fraction"] for s in stats).detach() / len(stats)}
+
+
 class MoE(nn.Module):
     """Top-k routed two-layer experts (GELU or quick GELU), stored stacked as one set of parameters.
 
@@ -58,34 +97,23 @@ class MoE(nn.Module):
     max(ceil(capacity_factor * N * k / E), min_capacity) assignments, first choices before second
     choices, then token order, and the overflow is dropped (the caller's
     residual connection carries a token whose assignments are all dropped).
-
-    Official EVE's choices (DeepSpeed's top2gating), each a switch: embed_to_experts (the experts get
-    x + modality embedding, the router's input), renorm_kept (a token's weights renormalised over the
-    assignments capacity kept), sample_second (in training the experts after the first are drawn by
-    Gumbel-max from the logits), aux_first_only (the load-balancing loss counts first choices only).
     """
 
-    def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int = 2, num_modalities: int = 2,
-                 modality_routing: bool = True, capacity_factor: float = 0.0, router_jitter: float = 0.0,
-                 dropout: float = 0.0, act: str = "gelu", embed_to_experts: bool = False, min_capacity: int = 0,
-                 renorm_kept: bool = False, sample_second: bool = False, aux_first_only: bool = False):
+    def __init__(self, dim: int, hidden: int, cfg: MoEConfig | None = None, num_modalities: int = 2,
+                 dropout: float = 0.0, act: str = "gelu"):
         super().__init__()
-        assert 1 <= top_k <= num_experts, f"top_k={top_k} must be in [1, num_experts={num_experts}]"
-        self.dim, self.hidden, self.num_experts, self.top_k = dim, hidden, num_experts, top_k
-        self.num_modalities = num_modalities
-        self.capacity_factor, self.min_capacity = capacity_factor, min_capacity
-        self.router_jitter = router_jitter
-        self.act = act
-        self.embed_to_experts, self.renorm_kept = embed_to_experts, renorm_kept
-        self.sample_second, self.aux_first_only = sample_second, aux_first_only
-        self.gate = nn.Linear(dim, num_experts, bias=False)
+        cfg = cfg or MoEConfig()
+        assert 1 <= cfg.top_k <= cfg.num_experts, f"top_k={cfg.top_k} must be in [1, num_experts={cfg.num_experts}]"
+        self.cfg, self.dim, self.hidden, self.act = cfg, dim, hidden, act
+        self.num_experts, self.top_k, self.num_modalities = cfg.num_experts, cfg.top_k, num_modalities
+        self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
         # added to the router input only; small random init so modalities route apart from step 0
-        self.modality_embed = nn.Embedding(num_modalities, dim) if modality_routing else None
+        self.modality_embed = nn.Embedding(num_modalities, dim) if cfg.modality_routing else None
         # one stacked tensor per layer: a single parameter for DDP/optimizers, and bench.py reads them
-        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))  # (E, D, H)
-        self.b1 = nn.Parameter(torch.empty(num_experts, hidden))  # (E, H)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))  # (E, H, D)
-        self.b2 = nn.Parameter(torch.empty(num_experts, dim))  # (E, D)
+        self.w1 = nn.Parameter(torch.empty(cfg.num_experts, dim, hidden))  # (E, D, H)
+        self.b1 = nn.Parameter(torch.empty(cfg.num_experts, hidden))  # (E, H)
+        self.w2 = nn.Parameter(torch.empty(cfg.num_experts, hidden, dim))  # (E, H, D)
+        self.b2 = nn.Parameter(torch.empty(cfg.num_experts, dim))  # (E, D)
         self.dropout = nn.Dropout(dropout)
         self.reset_parameters()
 
@@ -110,9 +138,9 @@ class MoE(nn.Module):
             h = x.float()  # (N, D)
             if self.modality_embed is not None and modality is not None:
                 h = h + self.modality_embed(modality).float()
-            if self.training and self.router_jitter > 0:
+            if self.training and self.cfg.router_jitter > 0:
                 # multiplicative noise (Switch) for exploration; eval stays deterministic
-                eps = self.router_jitter
+                eps = self.cfg.router_jitter
                 h = h * torch.empty_like(h).uniform_(1.0 - eps, 1.0 + eps)
             return F.linear(h, self.gate.weight.float())  # (N, E)
 
@@ -120,7 +148,7 @@ class MoE(nn.Module):
         """Each token's experts [N, k] (first choice first) and their probabilities [N, k]. The top k, or
         with sample_second in training the first and then k-1 others drawn by Gumbel-max from the logits
         (official EVE; its evaluation samples too, ours stays deterministic)."""
-        if not (self.sample_second and self.training) or self.top_k == 1:
+        if not (self.cfg.sample_second and self.training) or self.top_k == 1:
             return probs.topk(self.top_k, dim=-1)
         first = probs.argmax(dim=-1, keepdim=True)  # (N, 1)
         gumbel = -torch.empty_like(logits).exponential_().log()  # -log(Exp(1)) ~ Gumbel(0, 1)
@@ -137,7 +165,7 @@ class MoE(nn.Module):
         N, D = x.shape
         E, k = self.num_experts, self.top_k
 
-        if self.embed_to_experts and self.modality_embed is not None:
+        if self.cfg.embed_to_experts and self.modality_embed is not None:
             # official EVE dispatches the router's input: the experts see x + modality embedding too
             x = x + self.modality_embed(modality).to(x.dtype)
             logits = self.router_logits(x, None)  # (N, E)
@@ -158,12 +186,13 @@ class MoE(nn.Module):
         counts = torch.bincount(flat_e, minlength=E)  # (E,)
 
         A = k * N
-        cap = max(math.ceil(self.capacity_factor * A / E), self.min_capacity) if self.capacity_factor > 0 else A
+        c = self.cfg
+        cap = max(math.ceil(c.capacity_factor * A / E), c.min_capacity) if c.capacity_factor > 0 else A
         # an assignment is kept if it is among the first `cap` of its expert's slice
         starts = counts.cumsum(0) - counts  # (E,)
         kept = torch.arange(A, device=x.device) - starts[e_sorted] < cap  # (A,)
         tok_kept, w_kept = tok_sorted[kept], w_sorted[kept]
-        if self.renorm_kept:  # official EVE: the kept weights of a token sum to 1 again (one kept of two gets 1)
+        if self.cfg.renorm_kept:  # official EVE: the kept weights of a token sum to 1 again (one kept of two gets 1)
             kept_sum = w_kept.new_zeros(N).index_add_(0, tok_kept, w_kept)  # (N,)
             w_kept = w_kept / kept_sum[tok_kept].clamp(min=torch.finfo(w_kept.dtype).eps)
         # the one host sync: the experts' slice lengths must be Python ints
@@ -186,7 +215,7 @@ class MoE(nn.Module):
         E, M = self.num_experts, self.num_modalities
         tokens_per_expert = torch.bincount(modality[tok_kept] * E + e_kept, minlength=M * E).view(M, E)
         return {
-            'aux_loss': load_balancing_loss(probs, top_e[:, :1] if self.aux_first_only else top_e, E),
+            'aux_loss': load_balancing_loss(probs, top_e[:, :1] if self.cfg.aux_official else top_e, E),
             'z_loss': router_z_loss(logits),
             'tokens_per_expert': tokens_per_expert,
             'drop_fraction': 1.0 - tokens_per_expert.sum().float() / max(A, 1),
@@ -207,7 +236,7 @@ class ExpertFFN(torch.autograd.Function):
     zero gradients, so every parameter is in the graph (DDP needs that). The matmuls run in x's
     dtype; weights in another dtype (fp32 master weights of a bf16 step) are cast one expert at a
     time, while that expert's slice of weights is in cache, and their gradients come back in the
-    weights' dtype. The README's speed section has the measurements behind this.
+    weights' dtype. docs/SPEED.md has the measurements.
     """
 
     @staticmethod

@@ -3,7 +3,7 @@
     python finetune.py --task vqa --init eve_base_pretrain.pth --bpe eve_bpe_64k/ ...   (see the README)
 
 The official model is a `MultiwayTransformer` under `backbone.` plus task heads. Its names map onto EVE
-(model.py) by NAME_TABLE below; a few map onto a part of one of our tensors (the 32 experts of a layer are
+(model.py, heads.py) by NAME_TABLE below; a few map onto a part of one of our tensors (the 32 experts of a layer are
 stacked in one (E, D, H) tensor here, the two type embeddings are the rows of one nn.Embedding, the q and v
 biases are the q and v thirds of one qkv bias, whose k third stays zero: a key bias never changes attention).
 `official_config` reads the architecture off the tensor shapes; `convert` maps the names, prints what is not
@@ -14,7 +14,8 @@ import re
 
 import torch
 
-from model import TASK_HEADS, make_config, resize_image_pos
+from heads import EVEWithHeads, resize_image_pos
+from model import make_config
 
 # (official name, our name, how). {i}: a layer, {e}: an expert, {w}: weight or bias. How:
 #   copy: the same tensor; as: the same values in our shape; row N: row N of ours ({e} = the expert);
@@ -63,7 +64,7 @@ NAME_TABLE = [
     ("mitc_temp", "temp", "as"),
     ("mitm_head.{w}", "itm_head.{w}", "copy"),
     ("output.{j}.{w}", "{head}.{j}.{w}", "copy"),
-    # the NLVR2 bi-attention head (--biattn; model.NLVR2BiAttention): attn1/attn2 are nn.MultiheadAttention there
+    # the NLVR2 bi-attention head (--biattn; heads.NLVR2BiAttention): attn1/attn2 are nn.MultiheadAttention there
     ("attn{j}.in_proj_{w}", "nlvr2_head.attn{j}.in_proj_{w}", "copy"),
     ("attn{j}.out_proj.{w}", "nlvr2_head.attn{j}.out_proj.{w}", "copy"),
     ("fc.0.{w}", "nlvr2_head.fc.0.{w}", "copy"),
@@ -114,12 +115,15 @@ def official_config(sd, **overrides):
                  vocab_size=sd["backbone.word_embedding.weight"].shape[0], patch_size=patch, image_size=grid * patch)
     if fc1 is not None:
         found["mlp_ratio"] = fc1.shape[0] / dim
-    if "attn1.in_proj_weight" in sd:  # an NLVR2 model fine-tuned with --biattn
-        found["nlvr2_biattn"] = True
     for name, field in (("itc_vision_proj_head.weight", "itc_dim"), ("mitc_vision_proj_head.weight", "itc_dim")):
         if name in sd:
             found[field] = sd[name].shape[0]
     return make_config("base", **{**found, **overrides})
+
+
+def official_nlvr2_head(sd):
+    """The NLVR2 head kind of an official state dict: biattn for a model fine-tuned with --biattn, else mlp."""
+    return "biattn" if "attn1.in_proj_weight" in sd else "mlp"
 
 
 def _target(name, sd):
@@ -139,7 +143,7 @@ def convert(sd, model, source="the checkpoint", verbose=True):
     """Our state dict from an official one. Prints what is not used; stops (SystemExit) with a list of every
     encoder tensor of the checkpoint that has no place here and every encoder tensor of ours it does not fill."""
     own = model.state_dict()
-    heads = {h for hs in TASK_HEADS.values() for h in hs}
+    heads = {h for hs in EVEWithHeads.TASK_HEADS.values() for h in hs}
     is_head = lambda k: k.split(".")[0] in heads  # noqa: E731
     out, filled, unmapped, unused = {}, {}, [], []
     for name, t in sd.items():

@@ -21,8 +21,13 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import checkpoints
 import data
+import training
+from heads import EVEWithHeads
 from masking import patchify, unpatchify
+from model import EVEConfig
+from tokenization import tokenizer_from_state
 
 VISION_COLOUR, TEXT_COLOUR = "#3b6fd4", "#e8892b"
 
@@ -185,7 +190,7 @@ def save_routing(path, images, text_ids, text_mask, experts, tokenizer, cfg, sca
     """PNG, one row per pair and one column per MoE layer: the image with each patch tinted by its first expert
     and, below it, the caption's tokens on the same colours; a legend of the experts on top.
     experts: first_experts(...)."""
-    E, side, p = cfg.num_experts, cfg.image_size // cfg.patch_size, cfg.patch_size
+    E, side, p = cfg.moe.num_experts, cfg.image_size // cfg.patch_size, cfg.patch_size
     colours, f = expert_colours(E), font(11)
     S = cfg.image_size * scale
     cell_w, cell_h = max(S, 260) + 12, S + 64
@@ -226,10 +231,6 @@ def save_routing(path, images, text_ids, text_mask, experts, tokenizer, cfg, sca
 # ---- a checkpoint's pictures ---------------------------------------------------------------
 
 def main(argv=None):
-    from model import EVE, EVEConfig  # the command needs the model; the drawing functions above do not
-    import checkpoints
-    import training
-    from tokenization import tokenizer_from_state
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a pretrain.py checkpoint (last.pt or ckpt_<step>.pt)")
     parser.add_argument("--json", help="pre-training JSON to take pairs from (default: the checkpoint's)")
@@ -239,8 +240,8 @@ def main(argv=None):
     parser.add_argument("--out-dir", help="where to write the PNGs (default: the checkpoint's folder)")
     args = parser.parse_args(argv)
     ckpt = checkpoints.load_checkpoint(args.checkpoint)
-    cfg, tc = EVEConfig(**ckpt["config"]), ckpt.get("train_config", {})
-    model = EVE(cfg)
+    cfg, tc = checkpoints.model_config(ckpt, args.checkpoint, EVEConfig), ckpt.get("train_config", {})
+    model = EVEWithHeads(cfg)
     checkpoints.load_model_state(model, ckpt["model"], args.checkpoint)
     tokenizer = tokenizer_from_state(ckpt["vocab"])
     json_path = args.json or tc.get("train_json") or str(Path(tc.get("data_dir", "data/shapes")) / "pretrain.json")

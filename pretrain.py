@@ -17,41 +17,47 @@ k-times larger batch exactly (up to the per-batch loss means); ITC's negatives a
 micro-batch, so for itc_itm accumulation is an approximation.
 """
 import argparse
-import os
 import time
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# Transparent huge pages for CPU tensors of 2 MB or more (0 opts out): see bench.py. Set before the
-# imports below, because PyTorch reads it at its first CPU allocation and importing data.py makes one.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-import checkpoints  # noqa: E402
-import data  # noqa: E402
-import pictures  # noqa: E402
-import training  # noqa: E402
-from masking import mask_text  # noqa: E402
-from model import EVE, EVEConfig, make_config  # noqa: E402
-from shapes import shapes_world  # noqa: E402
-from tokenization import load_tokenizer  # noqa: E402
+import checkpoints
+import data
+import pictures
+import resilience
+import training
+from masking import mask_text
+from heads import EVEWithHeads
+from model import EVEConfig, make_config
+from shapes import shapes_world
+from tokenization import load_tokenizer
+from training import option
 
 
 @dataclass
 class TrainConfig(training.TrainingConfig):
     """pretrain.py's options: the shared ones (training.TrainingConfig), its own, and its defaults."""
-    objective: str = "msm"  # msm | itc_itm | msm+itc_itm | itc_itm+mlm
-    train_json: str = ""  # your own pre-training JSON (else the shapes world's)
-    out_dir: str = "runs/pretrain"  # checkpoints, metrics.jsonl and pictures
-    max_steps: int = 900  # optimizer steps; the LR schedule spans them, also under --max-seconds
-    max_seconds: float = 0.0  # wall-clock budget: stop at the first step past it, save, report (0 = off); set --max-steps large
-    batch_size: int = 32  # per process and micro-batch (on 2 CPU cores 32 trains more samples/s than 64, and the pixel
-    # decoder needs steps: README)
-    lr: float = 1e-3  # peak learning rate
-    warmup_steps: int = 200  # linear warm-up (a longer one lets the pixel decoder paint better in 900 steps: README)
-    text_mask_ratio: float = 0.5  # share of real text tokens masked
-    bert_replace: bool = False  # BERT's 80/10/10 replacement of masked tokens
-    augment: bool = True  # mild crop and left/right-swapping flip
-    picture_every: int = 200  # steps between PNG pictures
+    objective: str = option("msm", "msm (EVE) | itc_itm (the baseline) | msm+itc_itm | itc_itm+mlm")
+    out_dir: str = option("runs/pretrain", "checkpoints, metrics.jsonl and pictures")
+    max_steps: int = option(900, "optimizer steps; the LR schedule spans them, also under --max-seconds")
+    max_seconds: float = option(0.0, "wall-clock budget: stop at the first step past it, save and report (0 = off)")
+    lr: float = option(1e-3, "peak learning rate")
+    warmup_steps: int = option(200, "linear warm-up steps")
+    text_mask_ratio: float = option(0.5, "share of real text tokens masked")
+    bert_replace: bool = False  # BERT's 80/10/10 replacement of masked tokens (off: every masked token is [MASK])
+    augment: bool = option(True, "mild random crop and a flip that swaps left and right in the caption")
+    picture_every: int = option(200, "steps between PNG pictures")
+
+
+# the model fields a pre-training run may set over the preset (model.make_config's names), with their help
+MODEL_FLAGS = {"image_size": "input resolution (square)", "patch_size": "patch side in pixels",
+               "dim": "encoder width", "depth": "encoder layers", "heads": "attention heads",
+               "ffn": "FFN of the lower layers: multiway | moe | dense", "top_ffn": "FFN of the top layers",
+               "top_layers": "how many top layers use --top-ffn", "num_experts": "experts per MoE layer",
+               "top_k": "experts per token", "modality_routing": "the router is told each token's modality",
+               "image_mask_ratio": "share of patches removed (MSM)", "image_masking": "random (MAE) | block (BEiT)",
+               "norm_pix_loss": "per-patch normalised pixel target (MAE)"}
 
 
 def build_data(tc, rank, world):
@@ -81,19 +87,21 @@ def masked_text_batch(batch, tokenizer, tc):
 # ---- the run -----------------------------------------------------------------------------
 
 def parse_args(argv=None):
+    """The flags given (and only those): a Namespace."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    training.add_dataclass_args(parser, TrainConfig)
-    training.add_dataclass_args(parser, EVEConfig, defaults=False, title="model (defaults: the preset's)")
+    training.add_flags(parser, "training", dataclasses.fields(TrainConfig))
+    training.add_flags(parser, "model (defaults: the preset's)", training.model_fields(MODEL_FLAGS), MODEL_FLAGS)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     """Parse flags, set up DDP, pre-train; returns the trained model (handy in a notebook)."""
-    args = parse_args(argv)
-    tc = TrainConfig(**training.pick_fields(args, TrainConfig))
+    data.use_huge_pages()  # before the first tensor
+    own, model_overrides = training.split_given(vars(parse_args(argv)), TrainConfig)
+    tc = TrainConfig(**own)
     rank, world, _, device = training.setup_distributed(tc.seed)
     try:
-        return run(tc, training.pick_fields(args, EVEConfig, skip_none=True), rank, world, device)
+        return run(tc, model_overrides, rank, world, device)
     except data.DataError as e:
         raise training.data_error_exit(e) from None
     finally:
@@ -104,7 +112,7 @@ def run(tc, model_overrides, rank, world, device):
     tokenizer, json_path, image_root = build_data(tc, rank, world)
     ckpt_path, ckpt = checkpoints.load_resume(tc.resume, tc.out_dir, verbose=rank == 0)
     if ckpt:  # the run's model is the checkpoint's; flags cannot change it midway
-        cfg = EVEConfig(**ckpt["config"])
+        cfg = checkpoints.model_config(ckpt, ckpt_path, EVEConfig)
         if ckpt["vocab"] != tokenizer.state:
             raise SystemExit(f"error: {ckpt_path} was trained with another vocabulary than {tc.bpe or tc.vocab or 'the shapes world'}")
     else:
@@ -117,10 +125,10 @@ def run(tc, model_overrides, rank, world, device):
     if len(loader) < tc.grad_accum:
         raise SystemExit(f"error: {json_path} has {len(dataset)} pairs, fewer than one step of {tc.batch_size * tc.grad_accum * world}")
 
-    model = EVE(cfg).to(device)
+    model = EVEWithHeads(cfg).to(device)
     model.freeze_unused_heads(tc.objective)  # DDP then needs no find_unused_parameters
     opt, sched = training.make_optimizer(model, tc)
-    progress = training.restore(ckpt, ckpt_path, model, opt, sched, rank, world) if ckpt else {}
+    progress = checkpoints.restore(ckpt, ckpt_path, model, opt, sched, rank, world) if ckpt else {}
     step = progress.get("step", 0)
     if rank == 0:
         print(cfg)
@@ -148,10 +156,10 @@ def run(tc, model_overrides, rank, world, device):
                 model.train()
 
     t0 = time.time()
-    step = training.fit(model, loader, opt, sched, tc, tc.objective, device, rank, world, progress,
-                        prepare=lambda b: masked_text_batch(b, tokenizer, tc), after_step=after_step,
-                        extra_state=lambda: dict(config=asdict(cfg), train_config=asdict(tc), vocab=tokenizer.state),
-                        desc="pretrain", max_seconds=tc.max_seconds)
+    run = resilience.Run(progress, max_seconds=tc.max_seconds,
+                         extra_state=lambda: dict(config=asdict(cfg), train_config=asdict(tc), vocab=tokenizer.state))
+    step = training.fit(model, loader, opt, sched, tc, tc.objective, device, rank, world, run,
+                        prepare=lambda b: masked_text_batch(b, tokenizer, tc), after_step=after_step)
     if rank == 0 and step >= tc.max_steps:
         print(f"done: {step} steps in {time.time() - t0:.0f}s; checkpoint {out_dir / 'last.pt'}, log {out_dir / 'metrics.jsonl'}")
     return model

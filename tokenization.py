@@ -194,7 +194,7 @@ def _char_class(members):
     return "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges)
 
 
-@functools.lru_cache(maxsize=None)  # about 0.3 s, once per process, when the first BPE tokenizer is made
+@functools.lru_cache(maxsize=None)  # once per process, when the first BPE tokenizer is made
 def _pretokenizer():
     """GPT-2's pre-tokenization regex, as HF tokenizers runs it (with the Oniguruma engine):
 

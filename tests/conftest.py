@@ -18,9 +18,7 @@ def small_world(tmp_path_factory):
 
 
 # a model small enough for many steps per second: flags for pretrain.py / finetune.py
-TINY_MODEL_FLAGS = ["--dim", "64", "--depth", "2", "--heads", "2", "--num-experts", "4", "--top-layers", "1",
-                    "--image-size", "32",
-                    "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--itc-dim", "32"]
+TINY_MODEL_FLAGS = ["--preset", "micro"]
 
 # a hand-made WordPiece vocabulary for tokenizer and collate tests (ids are list positions)
 VOCAB = list(tokenization.SPECIALS) + ["hello", "world", ",", "!", "'", "don", "t", "un", "##aff", "##able", "creme",

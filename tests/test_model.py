@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from masking import mask_text
-from model import EVE, PRESETS, Block, MultiwayFFN, make_config, sample_negatives
+from heads import EVEWithHeads, sample_negatives
+from model import EVE, PRESETS, Block, MultiwayFFN, make_config
 
 V = 120  # vocabulary of the toy batches: 0 pad, 1 cls, 2 sep, 3 mask
 
@@ -23,9 +24,9 @@ def toy_batch(B=4, T=12, seed=0, size=64):
                 vqa_targets=torch.rand(B, 7, generator=g))
 
 
-def tiny(**kw):
+def tiny(num_answers=0, nlvr2_head="", **kw):
     torch.manual_seed(0)
-    return EVE(make_config("tiny", vocab_size=V, **kw))
+    return EVEWithHeads(make_config("tiny", vocab_size=V, **kw), num_answers=num_answers, nlvr2_head=nlvr2_head)
 
 
 def test_presets_build_and_count():
@@ -37,7 +38,7 @@ def test_presets_build_and_count():
     assert counts["tiny"][0] == sum(p.numel() for p in EVE(PRESETS["tiny"]).parameters())
     assert counts["base"][0] > 3 * counts["tiny"][0]
     base = PRESETS["base"]
-    assert (base.dim, base.depth, base.heads, base.num_experts, base.top_k) == (768, 12, 12, 32, 2)
+    assert (base.dim, base.depth, base.heads, base.moe.num_experts, base.moe.top_k) == (768, 12, 12, 32, 2)
     assert base.ffn_kinds()[10:] == ["moe", "moe"] and base.ffn_kinds()[9] == "multiway"
     assert PRESETS["large"].ffn_kinds()[21:] == ["moe"] * 3
     # activated per token, by hand for tiny: every MoE layer idles 6 of 8 experts, every multiway layer one FFN
@@ -48,7 +49,7 @@ def test_presets_build_and_count():
 
 
 def test_three_modes_forward_backward():
-    model = tiny(num_answers=7, nlvr2_head=True)
+    model = tiny(num_answers=7, nlvr2_head="mlp")
     b = toy_batch()
     enc = model.encode(images=b["image"])
     assert enc["hidden"].shape == (4, 65, 192) and enc["n_image"] == 65
@@ -92,18 +93,13 @@ def test_visible_patches_equal_full_sequence_without_removed():
 
 def test_image_tokens_are_normalised_like_text_tokens():
     """One embedding LayerNorm over image and text tokens (official EVE): both come out with zero mean and unit
-    variance per token at init (LN weight 1, bias 0); with image_embed_norm=False the image tokens are left as
-    they are, about a fifth of the text tokens' scale."""
+    variance per token at init (LN weight 1, bias 0)."""
     b = toy_batch()
-    for normed in (True, False):
-        model = tiny(image_embed_norm=normed).eval()
-        img, _, _ = model.embed_image(b["image"])  # (4, 65, 192)
-        txt = model.embed_text(b["text_ids"])
-        assert torch.allclose(txt.mean(-1), torch.zeros(()), atol=1e-5) and torch.allclose(txt.std(-1, unbiased=False), torch.ones(()), atol=1e-2)  # LN eps: slightly below 1
-        img_is_normed = torch.allclose(img.std(-1, unbiased=False), torch.ones(()), atol=1e-2)  # LN eps: slightly below 1
-        assert img_is_normed == normed
-        if not normed:
-            assert img.norm(dim=-1).mean() < 0.5 * txt.norm(dim=-1).mean()
+    model = tiny().eval()
+    img, _, _ = model.embed_image(b["image"])  # (4, 65, 192)
+    txt = model.embed_text(b["text_ids"])
+    assert torch.allclose(txt.mean(-1), torch.zeros(()), atol=1e-5) and torch.allclose(txt.std(-1, unbiased=False), torch.ones(()), atol=1e-2)  # LN eps: slightly below 1
+    assert torch.allclose(img.mean(-1), torch.zeros(()), atol=1e-5) and torch.allclose(img.std(-1, unbiased=False), torch.ones(()), atol=1e-2)
 
 
 def test_padding_does_not_change_real_tokens():
@@ -195,7 +191,7 @@ def test_identical_captions_are_not_each_others_negatives(monkeypatch):
     either image (it would be a label error: the caption is true of both). Padding does not change a text's
     identity. (For ITC alone, soft targets over two identical captions give the same loss as one-hot
     targets: their logits are equal.)"""
-    import model as model_module
+    import heads as model_module
     model = tiny().eval()
     with torch.no_grad():  # spread the features, so that the targets matter
         model.itc_image.weight.normal_(0, 1.0)
@@ -215,7 +211,7 @@ def test_identical_captions_are_not_each_others_negatives(monkeypatch):
     ref = (-(targets * F.log_softmax(sim, 1)).sum(1).mean() - (targets * F.log_softmax(sim.t(), 1)).sum(1).mean()) / 2
     torch.testing.assert_close(got, ref)
     assert len(seen) == 2 and all(torch.equal(pos, targets > 0) for pos in seen)  # no hard negative among them
-    from model import text_keys
+    from heads import text_keys
     longer = torch.cat([ids, torch.zeros(4, 3, dtype=ids.dtype)], 1)  # the same texts with more padding
     assert torch.equal(text_keys(ids, mask), text_keys(longer, torch.cat([mask, torch.zeros(4, 3, dtype=torch.bool)], 1)))
     assert text_keys(ids, mask)[0] == text_keys(ids, mask)[1] != text_keys(ids, mask)[2]
@@ -247,8 +243,8 @@ def test_block_without_padding_equals_the_padded_path():
 
 def test_sincos_position_tables_by_hand():
     """MAE's 2D table: channels [0, D/4) sin(row * w_i), [D/4, D/2) cos(row * w_i), then the same for the column,
-    w_i = 10000^(-i / (D/4)). The decoder starts from it by default, the encoder with pos_init='sincos'."""
-    from model import sincos_2d
+    w_i = 10000^(-i / (D/4)). The decoder starts from it, the encoder from N(0, 0.02) (official)."""
+    from masking import sincos_2d
     import math
     table = sincos_2d(16, 3)  # (9, 16); patch 5 is row 1, column 2
     w = [10000 ** (-i / 4) for i in range(4)]
@@ -257,12 +253,7 @@ def test_sincos_position_tables_by_hand():
     default = tiny()
     torch.testing.assert_close(default.decoder.pos_embed[0, 1:], sincos_2d(default.cfg.decoder_dim, 8))
     assert default.image_pos.std() < 0.03  # the official N(0, 0.02) encoder table
-    model = tiny(pos_init="sincos")
-    torch.testing.assert_close(model.image_pos[0, 1:], sincos_2d(192, 8))
-    assert model.image_pos[0, 0].abs().max() < 0.2  # [CLS] keeps a small random row
-    assert tiny(decoder_pos_init="random").decoder.pos_embed.std() < 0.03
-    with pytest.raises(ValueError, match="decoder_pos_init"):
-        tiny(decoder_pos_init="learned")
+    assert default.decoder.pos_embed[0, 0].abs().max() < 0.2  # the decoder's [CLS] keeps a small random row
 
 
 def test_itc_objective_is_the_contrastive_half_of_itc_itm():

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe import ExpertFFN, MoE, load_balancing_loss, router_z_loss  # noqa: E402
+from moe import ExpertFFN, MoE, MoEConfig, load_balancing_loss, router_z_loss  # noqa: E402
 
 
 def make_moe(seed=0, dim=16, hidden=32, num_experts=4, **kw):
     torch.manual_seed(seed)
-    moe = MoE(dim, hidden, num_experts, **kw)
+    moe = MoE(dim, hidden, MoEConfig(num_experts=num_experts, **kw))
     # random biases (default init is zero) so bias handling is exercised too
     with torch.no_grad():
         moe.b1.normal_(std=0.1)

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import official  # noqa: E402
-from model import EVE, EVEConfig, MultiwayFFN, make_config, resize_image_pos  # noqa: E402
-from moe import ExpertFFN, MoE, quick_gelu  # noqa: E402
+from heads import EVEWithHeads, resize_image_pos  # noqa: E402
+from model import EVE, EVEConfig, MultiwayFFN, make_config  # noqa: E402
+from moe import ExpertFFN, MoE, MoEConfig, moe_summary, quick_gelu  # noqa: E402
 
 # github ssyze/EVE, read by hand: configs/config_vlmoB_base64k.json (width, heads, layers, MoE layers 10-11, 32
 # experts, top-2, quick_gelu, drop_path 0.1), models/multiway_transformer.py (LN eps 1e-6, LayerScale 0.1,
@@ -22,9 +23,9 @@ from moe import ExpertFFN, MoE, quick_gelu  # noqa: E402
 # layers, weight 0.001; ITC projections without bias of width hidden_size; ITM head on the text [CLS]).
 OFFICIAL_BASE = dict(image_size=224, patch_size=16, dim=768, heads=12, depth=12, mlp_ratio=4.0, ffn="multiway",
                      top_ffn="moe", top_layers=2, num_experts=32, top_k=2, modality_routing=True, max_text_len=40,
-                     capacity_factor=1.0, min_capacity=4, moe_renorm_kept=True, moe_second="gumbel",
-                     moe_embed_to_experts=True, moe_aux="official", moe_aux_weight=0.001, layerscale_init=0.1,
-                     drop_path=0.1, act="quick_gelu", ln_eps=1e-6, multiway_norms=True, image_embed_norm=True,
+                     capacity_factor=1.0, min_capacity=4, renorm_kept=True, sample_second=True,
+                     embed_to_experts=True, aux_official=True, aux_weight=0.001, layerscale_init=0.1,
+                     drop_path=0.1, act="quick_gelu", ln_eps=1e-6, multiway_norms=True,
                      word_embed_norm=True, text_embed_dropout=0.1, itc_bias=False, itm_pooler=False, itc_dim=768,
                      itc_temp=0.07, router_jitter=0.0, dropout=0.0)
 OFFICIAL_LARGE = {**OFFICIAL_BASE, "dim": 1024, "heads": 16, "depth": 24, "top_layers": 3, "itc_dim": 1024}
@@ -32,7 +33,8 @@ OFFICIAL_LARGE = {**OFFICIAL_BASE, "dim": 1024, "heads": 16, "depth": 24, "top_l
 
 @pytest.mark.parametrize("preset,want", [("base", OFFICIAL_BASE), ("large", OFFICIAL_LARGE)])
 def test_presets_match_the_official_config_field_by_field(preset, want):
-    got = asdict(make_config(preset))
+    cfg = make_config(preset)
+    got = {**asdict(cfg), **asdict(cfg.moe), **asdict(cfg.official)}  # make_config's flat names
     assert {k: got[k] for k in want} == want
 
 
@@ -42,7 +44,8 @@ def test_tiny_keeps_this_projects_defaults():
     for f in fields(EVEConfig):
         if f.name != "itc_temp":
             assert getattr(tiny, f.name) == getattr(defaults, f.name), f.name
-    assert (tiny.capacity_factor, tiny.act, tiny.multiway_norms, tiny.moe_aux) == (0.0, "gelu", False, "topk")
+    assert (tiny.moe.capacity_factor, tiny.official.act, tiny.official.multiway_norms, tiny.moe.aux_official) == \
+        (0.0, "gelu", False, False)
 
 
 def test_quick_gelu_formula_and_expert_kernel_gradients():
@@ -86,8 +89,9 @@ def official_moe_by_hand(moe, x, modality, capacity_factor, min_capacity):
 @pytest.mark.parametrize("capacity_factor,min_capacity", [(1.0, 4), (0.25, 4), (0.5, 0)])
 def test_official_gating_matches_a_token_loop(capacity_factor, min_capacity):
     torch.manual_seed(1)
-    moe = MoE(8, 16, 4, act="quick_gelu", embed_to_experts=True, capacity_factor=capacity_factor,
-              min_capacity=min_capacity, renorm_kept=True, sample_second=True, aux_first_only=True).eval()
+    moe = MoE(8, 16, MoEConfig(num_experts=4, embed_to_experts=True, capacity_factor=capacity_factor,
+                               min_capacity=min_capacity, renorm_kept=True, sample_second=True, aux_official=True),
+              act="quick_gelu").eval()
     with torch.no_grad():
         moe.gate.weight.normal_(std=1.0)
         moe.gate.weight[0] = 0.5  # with x around 1, expert 0 is crowded and capacity drops assignments
@@ -102,7 +106,7 @@ def test_official_gating_matches_a_token_loop(capacity_factor, min_capacity):
 
 def test_gumbel_second_expert_in_training_only():
     torch.manual_seed(0)
-    moe = MoE(4, 8, 4, sample_second=True, modality_routing=False)
+    moe = MoE(4, 8, MoEConfig(num_experts=4, sample_second=True, modality_routing=False))
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     N = 20000
     probs = logits.softmax(-1)[0]
@@ -151,7 +155,7 @@ def test_key_bias_gets_no_gradient():
 def test_official_text_embedding_and_itm_itc_options():
     torch.manual_seed(0)
     cfg = make_config("tiny", word_embed_norm=True, ln_eps=1e-6, itc_bias=False, itm_pooler=False, vocab_size=50)
-    model = EVE(cfg).eval()
+    model = EVEWithHeads(cfg).eval()
     with torch.no_grad():
         model.word_norm.weight.normal_(1, 0.3)
     ids = torch.randint(0, 50, (2, 6))
@@ -169,9 +173,9 @@ def test_official_text_embedding_and_itm_itc_options():
 def test_official_aux_loss_is_averaged_over_moe_layers():
     stats = [{"aux_loss": torch.tensor(v), "z_loss": torch.tensor(0.0), "tokens_per_expert": torch.zeros(2, 8),
               "drop_fraction": torch.tensor(0.0)} for v in (1.0, 3.0)]
-    for aux, want in (("topk", 4.0), ("official", 2.0)):
-        model = EVE(make_config("tiny", moe_aux=aux, vocab_size=50))
-        assert model.moe_summary(stats, 1)["loss_moe"].item() == pytest.approx(0.001 * want)
+    for official_aux, want in ((False, 4.0), (True, 2.0)):
+        cfg = make_config("tiny", aux_official=official_aux, vocab_size=50)
+        assert moe_summary(stats, 1, cfg.moe)["loss_moe"].item() == pytest.approx(0.001 * want)
 
 
 def test_position_embedding_resize_keeps_cls_and_is_bicubic():
@@ -221,9 +225,9 @@ def official_state_dict(D=32, depth=3, moe_layers=(2,), E=4, vocab=50, grid=4, p
 
 def test_every_official_tensor_maps_to_its_place():
     sd = official_state_dict()
-    cfg = official.official_config(sd, heads=4, num_answers=7)
-    assert (cfg.dim, cfg.depth, cfg.top_layers, cfg.num_experts, cfg.vocab_size, cfg.image_size) == (32, 3, 1, 4, 50, 32)
-    model = EVE(cfg)
+    cfg = official.official_config(sd, heads=4)
+    assert (cfg.dim, cfg.depth, cfg.top_layers, cfg.moe.num_experts, cfg.vocab_size, cfg.image_size) == (32, 3, 1, 4, 50, 32)
+    model = EVEWithHeads(cfg, num_answers=7)
     state = official.convert(sd, model, verbose=False)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected
@@ -240,14 +244,14 @@ def test_every_official_tensor_maps_to_its_place():
     assert torch.equal(model.text_pos.weight, sd["backbone.pos_embed_text"][:40])
     assert torch.equal(model.vqa_head[3].weight, sd["output.3.weight"])
     # another resolution: the position embeddings are resized, the rest is the same
-    big = EVE(official.official_config(sd, heads=4, image_size=48))
+    big = EVEWithHeads(official.official_config(sd, heads=4, image_size=48), num_answers=7)
     assert official.convert(sd, big, verbose=False)["image_pos"].shape == (1, 37, 32)
 
 
 def test_a_wrong_or_missing_name_is_listed():
     sd = official_state_dict()
     sd["backbone.encoder.layers.1.attn.qkv_typo.weight"] = sd.pop("backbone.encoder.layers.1.attn.qkv.weight")
-    model = EVE(official.official_config(sd, heads=4))
+    model = EVEWithHeads(official.official_config(sd, heads=4))
     with pytest.raises(SystemExit) as e:
         official.convert(sd, model, verbose=False)
     msg = str(e.value)
@@ -255,7 +259,7 @@ def test_a_wrong_or_missing_name_is_listed():
     sd = official_state_dict()
     del sd["backbone.encoder.layers.2.mlp_moe.moe.experts.experts.2.fc1.bias"]
     with pytest.raises(SystemExit, match=r"blocks\.2\.ffn\.b1"):
-        official.convert(sd, EVE(official.official_config(sd, heads=4)), verbose=False)
+        official.convert(sd, EVEWithHeads(official.official_config(sd, heads=4)), verbose=False)
 
 
 def test_finetune_init_from_an_official_checkpoint(small_world, tmp_path, capsys):
@@ -282,7 +286,7 @@ def test_finetune_init_from_an_official_checkpoint(small_world, tmp_path, capsys
     printed = capsys.readouterr().out
     assert "official heads not used here" in printed and "output.3.weight (7, 128)" in printed  # another answer list
     best = torch.load(tmp_path / "ft" / "best.pt", weights_only=False)
-    assert best["config"]["act"] == "quick_gelu" and best["config"]["dim"] == 64 and best["config"]["image_size"] == 48
+    assert best["config"]["official"]["act"] == "quick_gelu" and best["config"]["dim"] == 64 and best["config"]["image_size"] == 48
     # one fine-tuning step away from the official weights (Adam moves each by about lr)
     assert torch.allclose(best["model"]["blocks.2.ffn.gate.weight"], sd["backbone.encoder.layers.2.mlp_moe.moe.gate.wg.weight"],
                           atol=5e-3)

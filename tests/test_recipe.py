@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import augment
 import data
 import finetune
 import official
@@ -18,7 +19,8 @@ import pretrain
 import checkpoints
 import training
 from conftest import TINY_MODEL_FLAGS
-from model import EVE, CrossAttention, NLVR2BiAttention, make_config
+from heads import CrossAttention, EVEWithHeads, NLVR2BiAttention
+from model import EVEConfig, make_config
 from test_official import official_state_dict
 
 
@@ -30,7 +32,7 @@ def tiny_cfg(**kw):
 # ---- optimizer and schedule ------------------------------------------------------------------------------------
 
 def test_linear_schedule_and_beta2_reach_the_optimizer():
-    model = EVE(tiny_cfg(num_answers=3))
+    model = EVEWithHeads(tiny_cfg(), num_answers=3)
     tc = training.TrainingConfig(lr=1e-3, warmup_steps=2, max_steps=10, min_lr_ratio=0.0, schedule="linear",
                                  adam_beta2=0.98)
     opt, sched = training.make_optimizer(model, tc)
@@ -46,20 +48,22 @@ def test_linear_schedule_and_beta2_reach_the_optimizer():
 
 
 def test_official_recipe_fills_what_was_not_given():
-    fc, cfg = finetune.FinetuneConfig(task="nlvr2"), make_config("base")
-    out, out_cfg = finetune.apply_recipe(fc, cfg, given={"lr"})  # auto: base is the official architecture
+    base, default = make_config("base"), finetune.FinetuneConfig(task="nlvr2")
+    out, model = finetune.settle({"task": "nlvr2", "lr": 1e-4}, base)  # auto: base is the official architecture
     assert (out.lr, out.weight_decay, out.adam_beta2, out.schedule, out.warmup_ratio, out.min_lr_ratio) == \
-        (fc.lr, 0.01, 0.98, "cosine", 0.2, 0.0)
-    assert (out.head_lr_mult, out.grad_clip, out.epochs, out.augment, out_cfg.image_size) == (2.0, 3.0, 10.0, "flip", 384)
-    # a resumed run keeps its checkpoint's resolution; --recipe own and the tiny preset keep this project's defaults
-    assert finetune.apply_recipe(fc, cfg, set(), fresh=False)[1].image_size == 224
-    assert finetune.apply_recipe(replace(fc, recipe="own"), cfg, set()) == (replace(fc, recipe="own"), cfg)
+        (1e-4, 0.01, 0.98, "cosine", 0.2, 0.0)
+    assert (out.head_lr_mult, out.grad_clip, out.epochs, out.augment, model) == (2.0, 3.0, 10.0, "flip", {"image_size": 384})
+    # a resumed run keeps its checkpoint's resolution; --recipe none keeps this project's defaults
+    assert finetune.settle({"task": "nlvr2"}, base, fresh=False)[1] == {}
+    assert finetune.settle({"task": "nlvr2", "recipe": "none"}, base) == (replace(default, recipe="none"), {})
+    # the tiny preset: the shapes table on the shapes world, nothing on own data
     tiny = make_config("tiny")
-    assert finetune.apply_recipe(fc, tiny, set()) == (fc, tiny)
-    vqa, vqa_cfg = finetune.apply_recipe(replace(fc, task="vqa", recipe="official"), tiny, {"image_size"})
-    assert (vqa.lr, vqa.head_lr_mult, vqa.schedule, vqa.augment, vqa_cfg.image_size) == (3e-5, 10.0, "linear", "randaug", 64)
+    assert finetune.settle({"task": "nlvr2"}, tiny) == (replace(default, epochs=4.0), {})
+    assert finetune.settle({"task": "nlvr2", "train_json": "a.json"}, tiny) == (replace(default, train_json="a.json"), {})
+    vqa, model = finetune.settle({"task": "vqa", "recipe": "official", "image_size": 64}, tiny)
+    assert (vqa.lr, vqa.head_lr_mult, vqa.schedule, vqa.augment, model["image_size"]) == (3e-5, 10.0, "linear", "randaug", 64)
     with pytest.raises(SystemExit, match="--recipe"):
-        finetune.apply_recipe(replace(fc, recipe="paper"), cfg, set())
+        finetune.settle({"task": "nlvr2", "recipe": "paper"}, base)
 
 
 def test_finetune_official_recipe_gives_the_optimizer_exactly_its_values(small_world, tmp_path, monkeypatch):
@@ -103,7 +107,7 @@ def test_own_checkpoint_pretrained_at_32px_finetunes_at_48px(small_world, tmp_pa
                    "--out-dir", str(tmp_path / "pt"), "--max-steps", "1", "--batch-size", "4", "--num-workers", "0"]
                   + TINY_MODEL_FLAGS)
     ckpt = checkpoints.load_checkpoint(tmp_path / "pt" / "last.pt")
-    model = EVE(replace(finetune.EVEConfig(**ckpt["config"]), image_size=48))
+    model = EVEWithHeads(replace(EVEConfig.from_dict(ckpt["config"]), image_size=48))
     finetune.load_init(model, ckpt, "last.pt", verbose=False)
     for name, ours in (("image_pos", model.image_pos), ("decoder.pos_embed", model.decoder.pos_embed)):
         assert ours.shape[1] == 1 + 6 * 6
@@ -133,7 +137,7 @@ def test_cross_attention_equals_torch_multihead_attention():
 
 def test_biattn_head_shapes_gradients_and_padding():
     torch.manual_seed(0)
-    model = EVE(tiny_cfg(nlvr2_head=True, nlvr2_biattn=True))
+    model = EVEWithHeads(tiny_cfg(), nlvr2_head="biattn")
     assert isinstance(model.nlvr2_head, NLVR2BiAttention)
     ids = torch.randint(5, 50, (3, 6))
     mask = torch.ones(3, 6, dtype=torch.bool)
@@ -172,9 +176,9 @@ def test_official_biattn_tensors_map_onto_the_head():
     head |= {"fc.0.weight": r(D, 2 * D), "fc.0.bias": r(D), "attn_pool.fc.0.weight": r(1, D),
              "attn_pool.fc.0.bias": r(1), "nlvr2_output.weight": r(2, 2 * D), "nlvr2_output.bias": r(2)}
     sd |= head
-    cfg = official.official_config(sd, heads=4, nlvr2_head=True)
-    assert cfg.nlvr2_biattn  # read off the checkpoint
-    model = EVE(cfg)
+    cfg = official.official_config(sd, heads=4)
+    assert official.official_nlvr2_head(sd) == "biattn"  # read off the checkpoint
+    model = EVEWithHeads(cfg, nlvr2_head="biattn")
     model.load_state_dict(official.convert(sd, model, verbose=False), strict=False)
     h = model.nlvr2_head
     pairs = [(h.attn1.in_proj_weight, "attn1.in_proj_weight"), (h.attn2.in_proj_bias, "attn2.in_proj_bias"),
@@ -236,23 +240,23 @@ def test_flip_swaps_left_and_right_in_the_text(halves):
 def test_crop_box_colour_jitter_and_randaugment():
     rng = random.Random(0)
     for _ in range(200):
-        left, top, w, h = data.random_crop_box(rng, (0.5, 1.0))
+        left, top, w, h = augment.random_crop_box(rng, (0.5, 1.0))
         assert 0 <= left and left + w <= 1 + 1e-9 and 0 <= top and top + h <= 1 + 1e-9 and w * h <= 1.0
         assert w * h >= 0.5 * 0.75 - 1e-9  # clipping a side to the image can lose area, never below 3/4 of 0.5
     img = Image.new("RGB", (32, 32), (100, 150, 200))
     img.putpixel((20, 10), (255, 255, 255))
     # PIL's affine transform reads input (x + 7, y) for output (x, y): content moves 7 px left (sign +1)
-    moved = data.RANDAUG_OPS["translate_x"](img, 1)
-    assert moved.getpixel((13, 10)) == (255, 255, 255) and moved.getpixel((29, 10)) == data.RANDAUG_FILL
-    assert data.RANDAUG_OPS["identity"](img, 1) is img
-    for mode in data.AUGMENTS:
+    moved = augment.RANDAUG_OPS["translate_x"](img, 1)
+    assert moved.getpixel((13, 10)) == (255, 255, 255) and moved.getpixel((29, 10)) == augment.RANDAUG_FILL
+    assert augment.RANDAUG_OPS["identity"](img, 1) is img
+    for mode in augment.AUGMENTS:
         for seed in range(20):
-            crop, transform = data.augment_draws(random.Random(seed), mode)
+            crop, transform = augment.augment_draws(random.Random(seed), mode)
             assert (crop is None) == (mode == "none") and (transform is None) == (mode in ("none", "flip"))
             if transform:
                 out = transform(img)
                 assert out.size == img.size and out.mode == "RGB"
     # colour jitter of a grey picture with brightness only: the factor is within 1 +- 0.4
-    jitter = data.colour_jitter(random.Random(5))
+    jitter = augment.colour_jitter(random.Random(5))
     factor = np.asarray(jitter(Image.new("RGB", (8, 8), (100, 100, 100))), np.float64).mean() / 100
     assert 0.6 - 0.02 <= factor <= 1.4 + 0.02
