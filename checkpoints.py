@@ -1,6 +1,6 @@
 """Checkpoints of both training scripts: RNG states, atomic writes (a full disk ends in one line and leaves the
-last good checkpoint), the newest readable checkpoint for --resume auto (also after a torchrun restart), and
-loading weights with a clear report of what does not fit."""
+last good checkpoint), the newest readable checkpoint for --resume auto (also after a torchrun restart),
+loading weights with a clear report of what does not fit, and restoring a run from its checkpoint."""
 import os
 import random
 import sys
@@ -165,3 +165,23 @@ def load_model_state(model, state_dict, source, strict=True):
     if strict and (missing or unexpected):
         raise SystemExit(f"error: {source}: missing tensors {missing}, unexpected tensors {unexpected}")
     return missing, unexpected
+
+
+def restore(ckpt, source, model, opt, sched, rank, world):
+    """Continue a run from its checkpoint: weights, optimizer, schedule and this rank's RNG. Returns the
+    progress resilience.Run continues from: the step, and where the data and the clock stood (older
+    checkpoints hold only the step)."""
+    load_model_state(model, ckpt["model"], source)
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    states = ckpt["rng"]
+    set_rng_state(states[rank] if len(states) == world else states[0])
+    return {k: ckpt[k] for k in ("step", "epoch", "micro", "seconds") if k in ckpt}
+
+
+def model_config(ckpt, source, config_class):
+    """The model config a checkpoint was trained with (config_class.from_dict), or one line saying why not."""
+    try:
+        return config_class.from_dict(ckpt["config"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise SystemExit(f"error: {source}: {e}") from None

@@ -1,23 +1,19 @@
-"""Training plumbing shared by pretrain.py and finetune.py: command-line flags from
-dataclasses, DDP set-up, the optimizer and LR schedule, atomic checkpoints, the metrics
-log, clean stops on SIGINT/SIGTERM and a wall-clock budget (checkpoints: checkpoints.py). Written once here,
-imported by both scripts (and by bench.py for the optimizer)."""
+"""Training plumbing shared by pretrain.py and finetune.py: command-line flags from dataclasses, DDP set-up,
+autocast, the optimizer and LR schedule, the metrics log, and the training loop itself (train_one_epoch, fit).
+What keeps a run safe (signals, skipped items, the time budget, exact resume) lives in resilience.py, the
+checkpoint files in checkpoints.py. Written once here, imported by both scripts (and by bench.py for the
+optimizer)."""
 import argparse
 import dataclasses
 import gc
 import importlib
-import inspect
-import itertools
 import json
 import math
 import os
 import random
 import re
-import signal
-import sys
 import time
-from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,72 +24,81 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import data
-from checkpoints import all_rng_states, load_model_state, restarted_by_torchrun, rng_state, save_checkpoint, set_rng_state
+import resilience
+from model import EVEConfig, OfficialConfig
+from moe import MoEConfig
+from checkpoints import restarted_by_torchrun
 
 
-# ---- flags: one list of options, the dataclass fields ------------------------------------
+# ---- options: one list, the config dataclasses' fields --------------------------------------
 
-def field_comments(cls):
-    """The inline comment of each dataclass field (`name: type = value  # comment`), as help text; a
-    subclass's comment of a field it restates wins over its base's."""
-    helps = {}
-    for klass in reversed(cls.__mro__):
-        if dataclasses.is_dataclass(klass):
-            helps.update(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(klass), flags=re.M))
-    return helps
+def option(default, help=None):
+    """A config field; one with help text is also a command-line flag (--name-with-dashes)."""
+    return dataclasses.field(default=default, metadata={"help": help} if help else {})
 
 
-def add_dataclass_args(parser, cls, defaults=True, title=None):
-    """One flag per field; with defaults=False every default is None ("keep the preset's value")."""
-    group = parser.add_argument_group(title or cls.__name__)
-    helps = field_comments(cls)
-    for f in dataclasses.fields(cls):
-        default = f.default if defaults else None
-        kind = type(f.default)
-        flag = "--" + f.name.replace("_", "-")
-        if kind is bool:
-            group.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction, help=helps.get(f.name))
+def add_flags(parser, title, fields, helps=None):
+    """One flag per field that has help text (its metadata's, or helps[name]). A flag that is not given is absent
+    from the parsed namespace (argparse.SUPPRESS), so one parse tells what was given: the caller lays it over the
+    preset and the task's table, in that order."""
+    group = parser.add_argument_group(title)
+    for f in fields:
+        text = (helps or {}).get(f.name) or f.metadata.get("help")
+        if not text:
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        if helps is None and default != "":
+            text += f" (default: {default})"
+        if type(default) is bool:
+            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=text,
+                               action=argparse.BooleanOptionalAction)
         else:
-            group.add_argument(flag, dest=f.name, type=kind, default=default, help=helps.get(f.name))
+            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=text, type=type(default))
 
 
-def pick_fields(args, cls, skip_none=False):
-    """The values of cls's fields from parsed args (as a dict)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
-    return {k: v for k, v in values.items() if not (skip_none and v is None)}
+def model_fields(names):
+    """The dataclass fields of model.make_config's names (EVEConfig's, its MoEConfig's or its OfficialConfig's),
+    for add_flags: each script names the model fields its users may set."""
+    every = {f.name: f for cls in (EVEConfig, MoEConfig, OfficialConfig) for f in dataclasses.fields(cls)}
+    return [every[n] for n in names]
+
+
+def split_given(given, cls):
+    """(the given values that are cls's fields, the rest): given is vars() of a parse with add_flags."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in given.items() if k in names}, {k: v for k, v in given.items() if k not in names}
 
 
 @dataclass
 class TrainingConfig:
     """The options of both training scripts. pretrain.TrainConfig and finetune.FinetuneConfig extend it with
     their own and restate the fields whose default differs (a restated field keeps its place here)."""
-    preset: str = "tiny"  # model preset: tiny | small | base | large
-    data_dir: str = "data/shapes"  # shapes world folder: one made there is used (any sizes), else the default is made
-    train_json: str = ""  # your own training JSON (else the shapes world's)
-    image_root: str = ""  # folder the JSON's image paths are relative to (default: the JSON's folder)
-    vocab: str = ""  # BERT-style vocab.txt (default: the shapes world's)
-    bpe: str = ""  # or a byte-level BPE folder: vocab.json + merges.txt, the official EVE's tokenizer format
-    out_dir: str = ""  # checkpoints and metrics.jsonl
-    max_steps: int = 0  # optimizer steps
-    batch_size: int = 32  # per process and micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 5e-4  # peak learning rate
+    preset: str = option("tiny", "model preset: tiny | small | base | large | micro (the tests')")
+    data_dir: str = option("data/shapes", "folder of the built-in shapes world, made there on first use")
+    train_json: str = option("", "your own training JSON (else the shapes world's)")
+    image_root: str = option("", "folder the JSON's image paths are relative to (default: the JSON's folder)")
+    vocab: str = option("", "BERT-style vocab.txt (default: the shapes world's)")
+    bpe: str = option("", "or a byte-level BPE folder (vocab.json + merges.txt), the official EVE tokenizer's format")
+    out_dir: str = option("", "checkpoints and metrics.jsonl")
+    max_steps: int = option(0, "optimizer steps")
+    batch_size: int = option(32, "samples per process and micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(5e-4, "peak learning rate")
     min_lr_ratio: float = 0.01  # final LR as a share of the peak
-    warmup_steps: int = 0  # linear warm-up
-    schedule: str = "cosine"  # LR decay after the warm-up: cosine | linear (official EVE fine-tuning; NLVR2: cosine)
-    weight_decay: float = 0.05  # AdamW decay on matrices only
+    warmup_steps: int = option(0, "linear warm-up steps")
+    schedule: str = "cosine"  # LR decay after the warm-up: cosine | linear (official EVE fine-tuning)
+    weight_decay: float = option(0.05, "AdamW weight decay (matrices only)")
     adam_beta2: float = 0.95  # AdamW beta2 (beta1 is 0.9); official EVE fine-tuning: 0.98
     grad_clip: float = 1.0  # max gradient norm; 0 = off
-    dtype: str = "auto"  # auto (bf16 on GPU) | fp32 | bf16
-    compile: bool = False  # torch.compile the model
-    num_workers: int = 2  # data loader processes
-    seed: int = 0  # data order, masks and init
-    log_every: int = 10  # steps between metrics.jsonl records
-    save_every: int = 200  # steps between checkpoints
+    dtype: str = option("auto", "auto (bf16 on GPU, else fp32) | fp32 | bf16")
+    compile: bool = option(False, "torch.compile the model")
+    num_workers: int = option(2, "data loader processes")
+    seed: int = option(0, "seed of the data order, the masks and the initialisation")
+    log_every: int = option(10, "steps between metrics.jsonl records")
+    save_every: int = option(200, "steps between checkpoints")
     keep_last: int = 3  # checkpoints kept
-    resume: str = ""  # auto | path of a checkpoint (a torchrun restart continues from last.pt by itself)
-    skip_bad: bool = False  # skip and count bad rows/images instead of stopping
+    resume: str = option("", "auto (last.pt of --out-dir) or a checkpoint path; a torchrun restart resumes by itself")
+    skip_bad: bool = option(False, "skip and count bad rows and images instead of stopping")
 
 
 # ---- devices and DDP -------------------------------------------------------------------
@@ -209,7 +214,7 @@ def warmup_cosine(warmup_steps, total_steps, min_ratio=0.01, schedule="cosine"):
     return factor
 
 
-# ---- logging and stopping ----------------------------------------------------------------
+# ---- the loop's reports ------------------------------------------------------------------
 
 class MetricsLog:
     """JSON-lines metrics, one object per line, appended (a resumed run continues the file)."""
@@ -233,78 +238,43 @@ def to_jsonable(x):
     raise TypeError(f"cannot log {type(x)}")
 
 
-class StopRequested(BaseException):
-    """A signal that arrived inside StopSignal.interruptible(): the loop leaves what it was waiting for.
-    (A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it.)"""
+class StepLog:
+    """What the loop reports: the tqdm bar (rank 0) on every step and, every tc.log_every steps and at the
+    last, one metrics.jsonl record: losses, learning rate, throughput since the last record, gradient norm,
+    seconds of training, and per MoE layer the assignments per expert for vision and for text."""
 
+    def __init__(self, log, tc, step, rank, desc):
+        self.log, self.every, self.last = log, tc.log_every, tc.max_steps
+        self.bar = tqdm(total=tc.max_steps, initial=step, disable=rank != 0, desc=desc, dynamic_ncols=True)
+        self.t, self.samples = time.perf_counter(), 0
 
-class StopSignal:
-    """Turns SIGINT/SIGTERM into a flag that the training loop checks before every micro-batch and
-    after every step, so the run saves a checkpoint and exits cleanly instead of dying mid-write.
+    def count(self, samples):
+        self.samples += samples
 
-    Inside interruptible() (waiting for a batch, evaluating) a single process stops at once: the
-    handler raises StopRequested. Several processes only stop where all of them check the flag together
-    (DDP's collectives would wait for ever on a rank that left), i.e. at the next micro-batch or step."""
-
-    def __init__(self, can_interrupt=True):
-        self.signum, self.can_interrupt, self.inside = None, can_interrupt, False
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore(self):
-        """Hand the signals back: after training, Ctrl-C must stop an evaluation again."""
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        if self.inside:
-            self.inside = False  # raise once; the stop path then saves undisturbed
-            raise StopRequested
-
-    @contextmanager
-    def interruptible(self):
-        if not self.can_interrupt:
-            yield
+    def step(self, step, epoch, out, grad_norm, lr, seconds):
+        self.bar.update(1)
+        if step % self.every and step != self.last:
             return
-        if self.signum is not None:
-            raise StopRequested
-        self.inside = True
-        try:
-            yield
-        finally:
-            self.inside = False
-
-
-def any_rank(*flags):
-    """Each flag OR-ed over all ranks (one small all_reduce), so that every rank takes the same branch."""
-    t = torch.tensor([float(f) for f in flags])
-    if dist.is_initialized():
-        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(t)
-    return [bool(v) for v in t.tolist()]
-
-
-class Throughput:
-    """Samples per second since the last call."""
-
-    def __init__(self):
-        self.t, self.n = time.perf_counter(), 0
-
-    def add(self, n):
-        self.n += n
-
-    def rate(self):
+        parts = {k: round(v.item(), 4) for k, v in out.items() if k.startswith("loss")}
         now = time.perf_counter()
-        r = self.n / max(now - self.t, 1e-9)
-        self.t, self.n = now, 0
-        return r
+        rate, self.t, self.samples = self.samples / max(now - self.t, 1e-9), now, 0
+        self.bar.set_postfix(loss=f"{parts['loss']:.3f}", sps=f"{rate:.0f}")
+        record = dict(step=step, epoch=epoch, lr=lr, samples_per_s=rate, grad_norm=grad_norm.item(), seconds=seconds,
+                      **parts)
+        if "moe_load" in out:
+            record.update(moe_load_vision=[l[0] for l in out["moe_load"]], moe_load_text=[l[1] for l in out["moe_load"]],
+                          moe_drop=out["moe_drop"], moe_aux=out["moe_aux"])
+        self.log.write(**record)
+
+    def close(self):
+        self.bar.close()
 
 
-# ---- the training loop of both scripts ---------------------------------------------------
+# ---- optimizer and the training loop of both scripts -------------------------------------
 
 def adamw(model, lr, weight_decay, heads=(), head_lr_mult=1.0, beta2=0.95):
-    """AdamW with one fused kernel per tensor: on CPU the for-loop update of a base model (464M
-    parameters) took about half of an MSM step at batch 4 (torch.profiler), the fused one 6% at batch 8."""
+    """AdamW with one fused kernel per tensor: on CPU the for-loop update of a large model costs a sizeable
+    share of a step, the fused one little (bench.py measures it)."""
     groups = param_groups(model, weight_decay, lr, heads, head_lr_mult)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), fused=True)
 
@@ -317,176 +287,73 @@ def make_optimizer(model, tc, heads=(), head_lr_mult=1.0):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def restore(ckpt, source, model, opt, sched, rank, world):
-    """Continue a run from its checkpoint: weights, optimizer, schedule and this rank's RNG. Returns the
-    progress fit() continues from: the step, and where the data and the clock stood (older checkpoints
-    hold only the step)."""
-    load_model_state(model, ckpt["model"], source)
-    opt.load_state_dict(ckpt["optimizer"])
-    sched.load_state_dict(ckpt["scheduler"])
-    states = ckpt["rng"]
-    set_rng_state(states[rank] if len(states) == world else states[0])
-    return {k: ckpt[k] for k in ("step", "epoch", "micro", "seconds") if k in ckpt}
+def train_one_epoch(model, loader, opt, sched, tc, task, device, run, log, prepare=None, after_step=None):
+    """Train on what is left of epoch run.epoch, one optimizer step per tc.grad_accum micro-batches, until the
+    epoch ends, tc.max_steps is reached or the run stops (a signal, the time budget: resilience.Run).
+
+    model: what to call (DDP-wrapped, compiled), as model(batch, task) -> dict with "loss". prepare(batch) ->
+    batch adds task inputs; after_step(step, batch, out) runs on every rank after each optimizer step.
+    With --skip-bad, micro-batches whose items were all skipped are left out, and a step with none left is
+    no step."""
+    epoch, used = run.epoch, 0  # used: micro-batches trained on in this step so far
+    for micro, batch, empty in run.micro_batches(loader):
+        last_micro = (micro + 1) % tc.grad_accum == 0
+        if not empty:
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = prepare(batch) if prepare else batch
+            # DDP all-reduces gradients only on the last micro-batch of a step
+            with model.no_sync() if run.world > 1 and not last_micro else nullcontext():
+                with autocast(device, tc.dtype):
+                    out = model(batch, task)
+                (out["loss"] / tc.grad_accum).backward()
+            used, trained = used + 1, batch
+            log.count(len(batch["text_ids"]) * run.world)
+        if not last_micro:
+            continue
+        run.advance(micro)  # the next step starts after this micro-batch
+        if not used:  # every item of this step's micro-batches was skipped: not a step
+            continue
+        if not torch.isfinite(out["loss"]):
+            raise SystemExit(f"error: loss is {out['loss'].item()} at step {run.step}; stopping. The last good "
+                             f"checkpoint is {Path(tc.out_dir) / 'last.pt'} (a lower --lr may help).")
+        if run.world > 1 and empty:  # the backward that would have averaged the gradients was left out
+            resilience.average_gradients(model)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        used = 0
+        run.step_done()
+        log.step(run.step, epoch, out, grad_norm, sched.get_last_lr()[0], run.now)
+        if after_step:
+            run.after_step(after_step, trained, out)
+        if run.step % tc.save_every == 0 or run.step == tc.max_steps:
+            run.checkpoint()
+        if run.should_stop() or run.step >= tc.max_steps:
+            break
 
 
-def average_gradients(model):
-    """DDP averages the gradients in the backward of a step's last micro-batch; when --skip-bad left that
-    micro-batch out, the step's gradients are averaged here instead."""
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
+def fit(model, loader, opt, sched, tc, task, device, rank, world, run=None, prepare=None, after_step=None):
+    """Train `model` on `task` until tc.max_steps, or until the run stops early. Returns the last step.
 
-
-def fit(model, loader, opt, sched, tc, task, device, rank, world, progress=None, prepare=None, after_step=None,
-        extra_state=None, desc="train", max_seconds=0.0):
-    """Train `model` on `task` until tc.max_steps, or until the first step past max_seconds (if > 0) of
-    training, counted from the start of training and across resumes.
-
-    progress: what restore() returned, when resuming. prepare(batch) -> batch adds task inputs (masked
-    text, answer targets); after_step(step, batch, out) runs on every rank after each optimizer step
-    (pictures, evaluation); extra_state() -> dict goes into every checkpoint (config, vocabulary, ...).
-    The data order of epoch e is a function of (seed, e) and a checkpoint records where in it the run
-    stood, so resuming repeats an uninterrupted run exactly. With --skip-bad, grad_accum micro-batches
-    whose items were all skipped are not a step; an epoch with no usable item at all is an error.
-    Returns the last step.
-    """
-    progress = progress or {}
-    step = progress.get("step", 0)
-    steps_per_epoch = len(loader) // tc.grad_accum
-    micros_per_epoch = steps_per_epoch * tc.grad_accum  # no tail shorter than grad_accum
-    # where the next step's micro-batches start (checkpoints without it had one step per grad_accum of them)
-    epoch = progress.get("epoch", step // steps_per_epoch)
-    position = progress.get("micro", (step % steps_per_epoch) * tc.grad_accum)
+    run: a resilience.Run (where a resumed run continues, what its checkpoints hold besides the training state,
+    its time budget); None: a fresh run. prepare and after_step: see train_one_epoch."""
+    run = run or resilience.Run()
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if tc.compile:
         train_model = torch.compile(train_model)
-    out_dir = Path(tc.out_dir)
-    log = MetricsLog(out_dir / "metrics.jsonl", enabled=rank == 0)
-    stop, speed = StopSignal(can_interrupt=world == 1), Throughput()
-    bar = tqdm(total=tc.max_steps, initial=step, disable=rank != 0, desc=desc, dynamic_ncols=True)
-    t0, seconds_before = time.perf_counter(), progress.get("seconds", 0.0)
-    now = seconds_before  # seconds of training at the last step, to the millisecond: the budget is checked on
-    # the value that metrics.jsonl shows, so no logged step before the last reads as past it
-    boundary_rng, saved = rng_state(), step  # this rank's RNG when the last step ended; the step last saved
-
-    def elapsed():
-        return seconds_before + time.perf_counter() - t0
-
-    def checkpoint():
-        nonlocal saved
-        states = all_rng_states(boundary_rng)  # every rank takes part in the gather
-        if rank == 0:
-            save_checkpoint(out_dir, step, dict(model=model.state_dict(), optimizer=opt.state_dict(),
-                                                scheduler=sched.state_dict(), step=step, epoch=epoch, micro=position,
-                                                seconds=elapsed(), rng=states, **(extra_state() if extra_state else {})),
-                            tc.keep_last)
-        saved = step
-
-    stopped = None  # why the run ended early: "signal" or "max_seconds"
+    log = MetricsLog(Path(tc.out_dir) / "metrics.jsonl", enabled=rank == 0)
+    steps = StepLog(log, tc, run.step, rank, desc=task)
+    run.begin(model, opt, sched, tc, len(loader), rank, world, log)  # position, clock, signal handlers
     model.train()
     try:
-        while step < tc.max_steps and not stopped:
-            this_epoch, start = epoch, position
-            data.loader_set_epoch(loader, this_epoch)
-            batches = itertools.islice(loader, start, micros_per_epoch)  # the micro-batches not done yet
-            skipped, steps_done, used = Counter(), 0, 0  # used: micro-batches trained on in this step so far
-            for micro in range(start, micros_per_epoch):
-                with stop.interruptible():  # a slow or stuck loader
-                    batch = next(batches)
-                skipped.update(batch.pop("skipped", {}))
-                # one check for all ranks: a signal anywhere stops everyone; a micro-batch whose items were all
-                # skipped on any rank is left out on every rank (DDP's all-reduce needs all of them)
-                signalled, empty = any_rank(stop.signum is not None, "text_ids" not in batch)
-                if signalled:
-                    stopped = "signal"
-                    break
-                last_micro = (micro + 1) % tc.grad_accum == 0
-                if not empty:
-                    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                    batch = prepare(batch) if prepare else batch
-                    # DDP all-reduces gradients only on the last micro-batch of a step
-                    with train_model.no_sync() if world > 1 and not last_micro else nullcontext():
-                        with autocast(device, tc.dtype):
-                            out = train_model(batch, task)
-                        (out["loss"] / tc.grad_accum).backward()
-                    used, trained = used + 1, batch
-                    speed.add(len(batch["text_ids"]) * world)
-                if not last_micro:
-                    continue
-                epoch, position = (this_epoch, micro + 1) if micro + 1 < micros_per_epoch else (this_epoch + 1, 0)
-                if not used:  # every item of this step's micro-batches was skipped: not a step, move on
-                    continue
-                if not torch.isfinite(out["loss"]):
-                    raise SystemExit(f"error: loss is {out['loss'].item()} at step {step}; stopping. The last good "
-                                     f"checkpoint is {out_dir / 'last.pt'} (a lower --lr may help).")
-                if world > 1 and empty:
-                    average_gradients(model)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-                step, used, steps_done, now = step + 1, 0, steps_done + 1, round(elapsed(), 3)
-                boundary_rng = rng_state()
-                bar.update(1)
-                if step % tc.log_every == 0 or step == tc.max_steps:
-                    parts = {k: round(v.item(), 4) for k, v in out.items() if k.startswith("loss")}
-                    rate = speed.rate()
-                    bar.set_postfix(loss=f"{parts['loss']:.3f}", sps=f"{rate:.0f}")
-                    record = dict(step=step, epoch=this_epoch, lr=sched.get_last_lr()[0], samples_per_s=rate,
-                                  grad_norm=grad_norm.item(), seconds=now, **parts)
-                    if "moe_load" in out:  # per MoE layer, assignments per expert for vision and for text
-                        record.update(moe_load_vision=[l[0] for l in out["moe_load"]], moe_load_text=[l[1] for l in out["moe_load"]],
-                                      moe_drop=out["moe_drop"], moe_aux=out["moe_aux"])
-                    log.write(**record)
-                if after_step:
-                    with stop.interruptible():  # an evaluation can take minutes
-                        after_step(step, trained, out)
-                    boundary_rng = rng_state()
-                if step % tc.save_every == 0 or step == tc.max_steps:
-                    checkpoint()
-                signalled, over_time = any_rank(stop.signum is not None, 0 < max_seconds <= now)
-                if signalled or over_time:
-                    stopped = "signal" if signalled else "max_seconds"
-                    break
-                if step >= tc.max_steps:
-                    break
-            warn_skips(skipped, loader.dataset, this_epoch, log)
-            if start == 0 and steps_done == 0 and not stopped:  # the next epoch would find nothing either
-                at_read = sum(getattr(loader.dataset, "skipped", Counter()).values())
-                raise SystemExit(f"error: {getattr(loader.dataset, 'json_name', 'the training data')}: no usable item "
-                                 f"in epoch {this_epoch}: the {sum(skipped.values())} items read were all skipped "
-                                 f"({', '.join(f'{k}: {v}' for k, v in skipped.items()) or 'none'}) and {at_read} "
-                                 f"rows were left out when reading; nothing to train on")
-    except StopRequested:  # a single process, signalled while loading data or evaluating
-        stopped = "signal"
+        while run.step < tc.max_steps and not run.stopped:
+            train_one_epoch(train_model, loader, opt, sched, tc, task, device, run, steps, prepare, after_step)
+            run.end_epoch(loader.dataset)  # skip warnings; an epoch with no usable item is an error
+    except resilience.StopRequested:  # a single process, signalled while loading data or evaluating
+        run.stopped = "signal"
     finally:
-        bar.close()
-        stop.restore()
-    if stopped and saved != step:  # what there is to save: the state after the last step
-        checkpoint()
-    if stopped == "signal" and rank == 0:
-        print(f"\nstopped by signal at step {step}; continue with --resume auto --out-dir {out_dir}")
-    if stopped == "max_seconds":
-        log.write(step=step, seconds=now, stopped="max_seconds", max_seconds=max_seconds)
-        if rank == 0:
-            print(f"\nstopped at the time budget: {step} steps in {now:.1f}s of training (--max-seconds "
-                  f"{max_seconds:g}); checkpoint {out_dir / 'last.pt'}")
-    return step
-
-
-def warn_skips(skipped, dataset, epoch, log):
-    """With --skip-bad: one warning per epoch counting what was left out and why (all ranks summed)."""
-    if dist.is_initialized():
-        counts = [None] * dist.get_world_size()
-        dist.all_gather_object(counts, skipped)
-        skipped = sum(counts, Counter())
-    at_read = getattr(dataset, "skipped", Counter())  # rows left out when the JSON was read
-    if not (skipped or at_read):
-        return
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        tqdm.write(f"warning: epoch {epoch} skipped {sum(skipped.values())} bad items "
-                   f"({', '.join(f'{k}: {v}' for k, v in skipped.items()) or 'none'}); "
-                   f"{sum(at_read.values())} rows were left out when reading the data "
-                   f"({', '.join(f'{k}: {v}' for k, v in at_read.items()) or 'none'})", file=sys.stderr)
-    log.write(epoch=epoch, skipped=dict(skipped), skipped_at_read=dict(at_read))
+        steps.close()
+        run.stop.restore()  # after training, Ctrl-C must stop an evaluation again
+    run.finish()  # save what a stop left unsaved, say why the run ended
+    return run.step
