@@ -272,7 +272,7 @@ def main(argv=None):
 
 
 def setup(given, rank, world):
-    """(fc, cfg, tokenizer, init checkpoint or None, resume path, resume checkpoint or None)."""
+    """(fc, cfg, tokenizer, init checkpoint or None, model overrides, resume path, resume checkpoint or None)."""
     if given.get("task", "vqa") not in TASKS:
         raise SystemExit(f"error: --task must be one of {', '.join(TASKS)}, not {given['task']!r}")
     fc = with_paths(FinetuneConfig(**training.split_given(given, FinetuneConfig)[0]), rank, world)

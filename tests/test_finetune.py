@@ -1,4 +1,4 @@
-"""finetune.py, inference.py and evaluate.py's --checkpoint path, on a tiny shapes world with a tiny model."""
+"""finetune.py, evaluate.py's evaluation loops and its --checkpoint path, on a tiny shapes world with a tiny model."""
 import json
 import subprocess
 import sys
@@ -11,14 +11,14 @@ import torch
 import data
 import evaluate
 import finetune
-import inference
+import metrics
 import pretrain
 import shapes
 import tokenization
+from model import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ["--dim", "64", "--depth", "2", "--heads", "2", "--num-experts", "4", "--image-size", "32",
-         "--decoder-dim", "32", "--decoder-heads", "2", "--itc-dim", "32"]
+MODEL = ["--preset", "micro"]
 RUN = ["--batch-size", "8", "--num-workers", "0", "--max-steps", "1", "--min-answer-count", "1", "--k-test", "4"]
 
 
@@ -74,7 +74,7 @@ def test_vqa_predictions_file(finetuned, world):
     answers = set(json.loads(Path(world["answer_list"]).read_text()))
     assert all(set(p) == {"question_id", "answer"} and p["answer"] in answers for p in preds)
     # the server-format file scores like the run did
-    m = evaluate.vqa_accuracy(preds, questions)
+    m = metrics.vqa_accuracy(preds, questions)
     assert m["vqa_accuracy"] == pytest.approx(finetuned["vqa"].results["test"]["vqa_accuracy"])
 
 
@@ -91,7 +91,7 @@ def test_nlvr2_predictions_file_round_trip(finetuned, world, capsys):
 def test_vqa_soft_targets_by_hand():
     index = {"p": 0, "b": 1, "c": 2, "d": 3, "e": 4, "red": 5}
     humans = ["p"] + ["b"] * 2 + ["c"] * 3 + ["d"] * 4 + ["e"] * 5  # 1..5 annotators
-    scores, ignored = finetune.soft_scores(humans + ["zebra", "zebra", "cat"], index)
+    scores, ignored = metrics.soft_scores(humans + ["zebra", "zebra", "cat"], index)
     assert scores == {0: 0.3, 1: 0.6, 2: 0.9, 3: 1.0, 4: 1.0} and ignored == 3
     # answers are normalised as the official evaluation does: "Red." and "red" are one answer
     targets = finetune.vqa_targets([humans, ["Red.", "red", "the cat"], []], index)
@@ -105,8 +105,8 @@ def test_answer_vocabulary_counts_majority_answers(capsys, tmp_path):
     rows = [{"answer": ["two"] * 6 + ["3"] * 4}, {"answer": ["2"] * 10}, {"answer": ["yes"] * 7 + ["no"] * 3},
             {"answer": "No"}, {"answer": ["no"] * 10}, {"question_id": 9}]
     # majority answers: 2 (twice: "two" normalises to "2"), yes (once), no (twice); "3" is never a majority
-    assert finetune.answer_vocabulary(rows, 1) == ["2", "no", "yes"]
-    assert finetune.answer_vocabulary(rows, 2) == ["2", "no"]
+    assert metrics.answer_vocabulary(rows, 1) == ["2", "no", "yes"]
+    assert metrics.answer_vocabulary(rows, 2) == ["2", "no"]
     cfg = finetune.FinetuneConfig(min_answer_count=2)
     assert finetune.vqa_answers(cfg, rows) == ["2", "no"]
     out = capsys.readouterr().out  # outside {2, no}: the four "3" and the seven "yes"
@@ -165,12 +165,12 @@ def test_retrieval_reranking_with_stub_itm():
     dataset = PairImages(n)
     tokenizer = tokenization.WordPieceTokenizer(tokenization.build_vocab(dataset.texts))
     model = StubModel(tokenizer, n)
-    i2t, t2i = inference.retrieval_scores(model, dataset, tokenizer, k_test=2, device=torch.device("cpu"), batch_size=4)
+    i2t, t2i = evaluate.retrieval_scores(model, dataset, tokenizer, k_test=2, device=torch.device("cpu"), batch_size=4)
     # ITC alone ranks every true pair second; re-ranking its top 2 by the ITM stub puts it first
     sim = torch.eye(n) * 0.6 + torch.eye(n).roll(-1, dims=1) * 0.8  # sim[i, t]: 0.8 where t = i - 1
-    itc = evaluate.retrieval_recall(sim.numpy(), sim.t().numpy(), dataset.img2txt, dataset.txt2img)
+    itc = metrics.retrieval_recall(sim.numpy(), sim.t().numpy(), dataset.img2txt, dataset.txt2img)
     assert itc["txt_r1"] == 0 and itc["img_r1"] == 0
-    m = evaluate.retrieval_recall(i2t, t2i, dataset.img2txt, dataset.txt2img)
+    m = metrics.retrieval_recall(i2t, t2i, dataset.img2txt, dataset.txt2img)
     assert m["r_mean"] == 100 and m["txt_r1"] == 100 and m["img_r1"] == 100
     # only the top-2 candidates were scored, each pair once; the others keep NOT_CANDIDATE
     candidates = {(i, i) for i in range(n)} | {((t + 1) % n, t) for t in range(n)}
@@ -178,7 +178,7 @@ def test_retrieval_reranking_with_stub_itm():
     for i in range(n):
         for t in range(n):
             if (i, t) not in candidates:
-                assert i2t[i, t] == inference.NOT_CANDIDATE and t2i[t, i] == inference.NOT_CANDIDATE
+                assert i2t[i, t] == evaluate.NOT_CANDIDATE and t2i[t, i] == evaluate.NOT_CANDIDATE
 
 
 def test_retrieval_scores_rank_modes_with_stub():
@@ -186,10 +186,10 @@ def test_retrieval_scores_rank_modes_with_stub():
     dataset = PairImages(n)
     tokenizer = tokenization.WordPieceTokenizer(tokenization.build_vocab(dataset.texts))
     cpu = torch.device("cpu")
-    i2t, _ = inference.retrieval_scores(StubModel(tokenizer, n), dataset, tokenizer, 2, cpu, batch_size=4, rank="itc")
+    i2t, _ = evaluate.retrieval_scores(StubModel(tokenizer, n), dataset, tokenizer, 2, cpu, batch_size=4, rank="itc")
     assert i2t[0, 0] == pytest.approx(0.6) and i2t[1, 0] == pytest.approx(0.8)  # the similarities, no ITM
     model = StubModel(tokenizer, n)
-    i2t, _ = inference.retrieval_scores(model, dataset, tokenizer, 2, cpu, batch_size=4, rank="itc+itm")
+    i2t, _ = evaluate.retrieval_scores(model, dataset, tokenizer, 2, cpu, batch_size=4, rank="itc+itm")
     # true pair: 0.6 / 0.5 (the stub's temperature) + 5 log-odds; the neighbour: 0.8 / 0.5 - 5
     assert i2t[0, 0] == pytest.approx(6.2) and i2t[1, 0] == pytest.approx(-3.4) and model.scored
 
@@ -199,10 +199,10 @@ def test_rerank_topk_modes_by_hand():
     # texts 1, 2; every text -> both images (there are only two).
     sim = torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.8, 0.7]])
     itm = torch.tensor([[-1.0, 0.5, 0.0], [2.0, 0.0, 4.0]])  # the ITM log-odds of every pair
-    N = inference.NOT_CANDIDATE
+    N = evaluate.NOT_CANDIDATE
 
     def rank(mode):
-        return inference.rerank_topk(sim, 2, lambda i, t: itm[i, t], rank=mode, temp=0.5)
+        return evaluate.rerank_topk(sim, 2, lambda i, t: itm[i, t], rank=mode, temp=0.5)
 
     i2t, t2i = rank("itc")  # the similarities
     assert torch.equal(i2t, sim) and torch.equal(t2i, sim.t())
@@ -225,7 +225,7 @@ def test_retrieval_scores_identical_captions_once():
     dataset = PairImages(4, texts=["c0", "c1", "c2", "c0"])
     tokenizer = tokenization.WordPieceTokenizer(tokenization.build_vocab(dataset.texts))
     model = StubModel(tokenizer, 4)
-    i2t, t2i = inference.retrieval_scores(model, dataset, tokenizer, k_test=4, device=torch.device("cpu"), batch_size=3,
+    i2t, t2i = evaluate.retrieval_scores(model, dataset, tokenizer, k_test=4, device=torch.device("cpu"), batch_size=3,
                                           rank="itm")
     assert sorted(model.scored) == [(i, t) for i in range(4) for t in range(3)]  # every image x distinct caption
     assert (i2t[:, 0] == i2t[:, 3]).all() and (t2i[0] == t2i[3]).all() and i2t[0, 0] == 5 and i2t[1, 0] == -5  # log-odds
@@ -240,12 +240,12 @@ def test_rerank_topk_never_scores_outside_topk():
         asked.extend(zip(img.tolist(), txt.tolist()))
         return torch.ones(len(img))
 
-    i2t, t2i = inference.rerank_topk(sim, 3, score, rank="itm")
+    i2t, t2i = evaluate.rerank_topk(sim, 3, score, rank="itm")
     top_t, top_i = sim.topk(3, dim=1).indices, sim.t().topk(3, dim=1).indices
     allowed = {(i, t) for i in range(7) for t in top_t[i].tolist()} | {(i, t) for t in range(20) for i in top_i[t].tolist()}
     assert set(asked) == allowed and len(asked) == len(allowed)
     assert ((i2t == 1).sum(1) == 3).all() and ((t2i == 1).sum(1) == 3).all()
-    i2t, t2i = inference.rerank_topk(sim, 0, None)  # k_test 0: ITC only
+    i2t, t2i = evaluate.rerank_topk(sim, 0, None)  # k_test 0: ITC only
     assert torch.equal(i2t, sim) and torch.equal(t2i, sim.t())
 
 
@@ -267,7 +267,7 @@ def test_init_from_pretrain(world, pretrained, tmp_path, capsys):
     src = torch.load(pretrained, weights_only=False)
     assert f"loaded {len(src['model'])} tensors" in printed
     best = torch.load(out / "best.pt", weights_only=False)
-    assert best["config"]["dim"] == 64 and best["config"]["num_answers"] > 0 and best["vocab"] == src["vocab"]
+    assert best["config"]["dim"] == 64 and best["heads"]["num_answers"] > 0 and best["vocab"] == src["vocab"]
     # the pixel decoder is frozen for VQA: its weights are exactly the pre-trained ones
     for k in ("decoder.pred.weight", "mlm_bias"):
         assert torch.equal(best["model"][k], src["model"][k])
@@ -295,8 +295,12 @@ def test_init_errors(world, pretrained, tmp_path):
     with pytest.raises(SystemExit, match="no such checkpoint file"):
         finetune.main(args + ["--init", str(tmp_path / "nope.pt")])
     # a model of another size (here more text positions) does not fit the checkpoint; another image size does
-    # (the position tables are resized: tests/test_recipe.py)
-    cmd = [sys.executable, "finetune.py"] + [str(a) for a in args] + ["--init", str(pretrained), "--max-text-len", "40"]
+    # (the position tables are resized: tests/test_recipe.py). No flag changes the model's size over an --init
+    # checkpoint's any more: a checkpoint whose config asks for 40 text positions carries a table of 32.
+    ckpt = torch.load(pretrained, weights_only=False)
+    ckpt["config"]["max_text_len"] = 40
+    torch.save(ckpt, tmp_path / "longer.pt")
+    cmd = [sys.executable, "finetune.py"] + [str(a) for a in args] + ["--init", str(tmp_path / "longer.pt")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "does not fit this model" in proc.stderr and "text_pos.weight: checkpoint (32, 64) vs model (40, 64)" in proc.stderr
@@ -332,23 +336,23 @@ def test_evaluation_skips_bad_images(finetuned, world, tmp_path):
     """--skip-bad: a question whose image is missing gets no prediction (counted as missing); a retrieval
     image that is missing is never retrieved, and the rest is still scored."""
     cpu = torch.device("cpu")
-    model, tokenizer, ckpt = inference.load_finetuned(finetuned["vqa"].out / "best.pt", cpu)
+    model, tokenizer, ckpt = evaluate.load_finetuned(finetuned["vqa"].out / "best.pt", cpu)
     rows = json.loads(Path(world["vqa_val"]).read_text())
     rows[1]["image"] = "images/nowhere.png"
     bad = tmp_path / "vqa_val.json"
     bad.write_text(json.dumps(rows))
-    m = inference.evaluate_split("vqa", model, tokenizer, bad, world["root"], cpu, answers=ckpt["answers"],
+    m = evaluate.evaluate_split("vqa", model, tokenizer, bad, world["root"], cpu, answers=ckpt["answers"],
                                  batch_size=1, skip_bad=True)
     assert m["missing"] == 1 and m["n"] == len(rows)
-    model, tokenizer, ckpt = inference.load_finetuned(finetuned["retrieval"].out / "best.pt", cpu)
+    model, tokenizer, ckpt = evaluate.load_finetuned(finetuned["retrieval"].out / "best.pt", cpu)
     rows = json.loads(Path(world["retrieval_val"]).read_text())
     rows[0]["image"] = "images/nowhere.png"
     bad = tmp_path / "retrieval_val.json"
     bad.write_text(json.dumps(rows))
     dataset = data.RetrievalEvalDataset(bad, world["root"], model.cfg.image_size, skip_bad=True)
-    i2t, t2i = inference.retrieval_scores(model, dataset, tokenizer, 4, cpu, batch_size=3)
-    assert (t2i[:, 0] <= inference.NOT_CANDIDATE).all() and (i2t[0] <= inference.NOT_CANDIDATE).all()
-    assert (i2t[1:] > inference.NOT_CANDIDATE).sum() > 0
+    i2t, t2i = evaluate.retrieval_scores(model, dataset, tokenizer, 4, cpu, batch_size=3)
+    assert (t2i[:, 0] <= evaluate.NOT_CANDIDATE).all() and (i2t[0] <= evaluate.NOT_CANDIDATE).all()
+    assert (i2t[1:] > evaluate.NOT_CANDIDATE).sum() > 0
 
 
 def test_train_fraction_uses_the_same_share_of_rows_for_every_seed(world, tmp_path, capsys):
@@ -365,7 +369,7 @@ def test_train_fraction_uses_the_same_share_of_rows_for_every_seed(world, tmp_pa
 
 def test_retrieval_with_the_contrastive_objective_alone(world, pretrained, tmp_path):
     """--objective itc trains the ITC projections and leaves the ITM head frozen at the checkpoint's weights;
-    a given --itc-temp sets the starting temperature over the checkpoint's (0.3, the tiny preset's)."""
+    a given --itc-temp sets the starting temperature over the checkpoint's (0.3, the micro preset's)."""
     args = data_args(world, "retrieval") + RUN
     finetune.main(args + ["--objective", "itc", "--rank", "itc", "--init", str(pretrained), "--itc-temp", "0.2",
                           "--out-dir", str(tmp_path / "itc")])
@@ -382,23 +386,33 @@ def test_retrieval_with_the_contrastive_objective_alone(world, pretrained, tmp_p
 
 def test_shapes_defaults_apply_unless_given(world, monkeypatch):
     """On the shapes world retrieval trains ITC alone at lr 2e-4, its temperature starting at 0.1, and ranks by
-    it, unless those flags are given."""
+    it, unless those flags are given (each flag alone: the table's other values still apply)."""
     monkeypatch.setattr(finetune, "shapes_world", lambda folder, rank, world_size: world)
-    fc = finetune.FinetuneConfig(task="retrieval")
-    got = finetune.resolve_paths(fc, 0, 1, given=set())
-    assert (got.objective, got.rank, got.epochs, got.lr) == ("itc", "itc", finetune.SHAPES_DEFAULTS["retrieval"]["epochs"], 2e-4)
-    mine = finetune.resolve_paths(finetune.FinetuneConfig(task="retrieval", rank="itm"), 0, 1, given={"rank"})
-    assert (mine.objective, mine.rank, mine.lr) == ("", "itm", 2e-4)  # the task's own objective (itc_itm), the given rank
-    fast = finetune.resolve_paths(finetune.FinetuneConfig(task="retrieval", lr=1e-3), 0, 1, given={"lr"})
+    cfg = make_config("micro")  # the preset's config, before the task's table
+
+    def settle(**given):
+        return finetune.settle({"task": "retrieval", **given}, cfg)
+
+    got, overrides = settle()
+    assert (got.objective, got.rank, got.epochs, got.lr) == ("itc", "itc", finetune.RECIPES["shapes"]["retrieval"]["epochs"], 2e-4)
+    assert finetune.with_paths(got, 0, 1).train_json == str(world["retrieval_train"])
+    mine, _ = settle(rank="itm")
+    assert (mine.objective, mine.rank, mine.lr) == ("itc", "itm", 2e-4)  # the given rank, the table's objective
+    with pytest.raises(SystemExit, match="trains no ITM head"):  # which cannot rank by ITM: a clear error
+        finetune.check_choices(mine)
+    mine, _ = settle(rank="itm", objective="itc_itm")
+    assert (mine.objective, mine.rank, mine.lr) == ("itc_itm", "itm", 2e-4)
+    fast, _ = settle(lr=1e-3)
     assert (fast.objective, fast.lr) == ("itc", 1e-3)  # a given --lr wins; the others still apply
-    assert finetune.resolve_paths(finetune.FinetuneConfig(task="vqa"), 0, 1, given=set()).lr == 5e-4
-    own = finetune.resolve_paths(finetune.FinetuneConfig(task="retrieval", train_json="a", val_json="b", test_json="c"), 0, 1)
+    assert finetune.settle({"task": "vqa"}, cfg)[0].lr == 5e-4
+    own, own_overrides = settle(train_json="a", val_json="b", test_json="c")
     assert (own.objective, own.rank) == ("", "itc+itm")  # own data keeps ALBEF's recipe
     # a model field among them (the ITC temperature's start), under a given flag; not on own data
-    assert finetune.model_overrides(fc, {}) == {"itc_temp": 0.1}
-    assert finetune.model_overrides(fc, {"itc_temp": 0.3, "dim": 64}) == {"itc_temp": 0.3, "dim": 64}
-    assert finetune.model_overrides(finetune.FinetuneConfig(task="vqa"), {}) == {}
-    assert finetune.model_overrides(own, {}) == {}
+    assert overrides == {"itc_temp": 0.1}
+    assert settle(itc_temp=0.3, image_size=64)[1] == {"itc_temp": 0.3, "image_size": 64}
+    assert finetune.settle({"task": "vqa"}, cfg)[1] == {}
+    assert own_overrides == {}
+    assert finetune.settle({"task": "retrieval"}, cfg, fresh=False)[1] == {}  # a resumed run keeps its model
 
 
 def test_eval_every_sets_the_val_steps(world, tmp_path):

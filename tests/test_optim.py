@@ -14,16 +14,17 @@ import finetune
 import pretrain
 import training
 from conftest import ROOT
-from model import EVE, make_config
+from heads import EVEWithHeads
+from model import make_config
 
 
-def tiny_eve(**kw):
-    return EVE(make_config("tiny", vocab_size=50, dim=64, depth=2, heads=2, num_experts=4, decoder_dim=32,
-                           decoder_depth=1, decoder_heads=2, itc_dim=32, **kw))
+def tiny_eve(**heads):
+    return EVEWithHeads(make_config("tiny", vocab_size=50, dim=64, depth=2, heads=2, num_experts=4, decoder_dim=32,
+                                    decoder_depth=1, decoder_heads=2, itc_dim=32), **heads)
 
 
 def test_weight_decay_is_chosen_by_rank_not_by_name():
-    model = tiny_eve(num_answers=5, nlvr2_head=True)
+    model = tiny_eve(num_answers=5, nlvr2_head="mlp")
     groups = training.param_groups(model, 0.05, 1e-3)
     decayed = {id(p) for p in groups[0]["params"]}
     # the reference, written out by kind: linear and conv weights and the experts' weight stacks decay
@@ -82,8 +83,7 @@ def test_finetune_gives_the_task_head_its_multiplier(small_world, tmp_path, monk
     finetune.main(["--task", "nlvr2", *paths, "--image-root", str(small_world["root"]), "--vocab", str(small_world["vocab"]),
                    "--out-dir", str(tmp_path), "--max-steps", "1",
                    "--batch-size", "4", "--num-workers", "0", "--head-lr-mult", "10", "--lr", "1e-3", "--warmup-steps", "0",
-                   "--dim", "64", "--depth", "2", "--heads", "2", "--num-experts", "4", "--top-layers", "1",
-                   "--image-size", "32", "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--itc-dim", "32"])
+                   "--preset", "micro"])
     lrs = sorted({g["initial_lr"] for g in made["opt"].param_groups})
     assert lrs == [1e-3, 1e-2] and len(made["opt"].param_groups) == 4
 
@@ -99,7 +99,8 @@ def test_both_configs_share_one_base_and_keep_their_defaults():
         ("", 0, 32, 5e-4, -1, 0, 2)
     args = finetune.parse_args(["--grad-accum", "2", "--head-lr-mult", "5"])  # a shared flag and an own one
     assert args.grad_accum == 2 and args.head_lr_mult == 5.0
-    assert training.field_comments(finetune.FinetuneConfig)["save_every"].endswith("at the end of every epoch")
+    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(finetune.FinetuneConfig)}
+    assert helps["save_every"].endswith("at the end of every epoch")
     assert pretrain.parse_args(["--max-seconds", "60"]).max_seconds == 60.0
 
 
@@ -114,8 +115,12 @@ for block in re.split(r"\\n(?=[0-9a-f]+-[0-9a-f]+ )", open("/proc/self/smaps").r
 """
 
 
-@pytest.mark.parametrize("setup", ["import pretrain", "import finetune", "import bench"])
-def test_entry_points_turn_on_huge_pages_before_the_first_allocation(setup):
+@pytest.mark.parametrize("entry", ["pretrain", "finetune", "bench"])
+def test_entry_points_turn_on_huge_pages_before_the_first_allocation(entry):
+    """PyTorch reads the setting at its first CPU allocation: importing an entry point must make none, and its
+    main() turns huge pages on first (data.use_huge_pages); --help ends main() before any other work."""
+    setup = (f"import contextlib, io, {entry}\nwith contextlib.suppress(SystemExit), "
+             f"contextlib.redirect_stdout(io.StringIO()):\n    {entry}.main(['--help'])")
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     for value, expected in ((None, "True"), ("0", "False")):  # on by default; THP_MEM_ALLOC_ENABLE=0 opts out
         done = subprocess.run([sys.executable, "-c", HUGE_PAGES.format(setup=setup)], cwd=ROOT, capture_output=True,
