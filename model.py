@@ -7,7 +7,7 @@ EVE's top layers) or `dense` (one shared FFN, for ablations). Every token carrie
 
 In the paper's order: the blocks (attention, FFNs), the config and presets, the pixel decoder, then EVE:
 embed (and mask) -> encode -> decode -> the unified loss. The ITC+ITM baseline and the fine-tuning heads
-are heads.py's.
+are heads.py's. A little over 400 lines: the config and its presets belong beside the model they configure.
 """
 from dataclasses import asdict, dataclass, field, fields
 
