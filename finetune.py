@@ -161,14 +161,12 @@ def settle(given, cfg, fresh=True):
     model is the checkpoint's as it is."""
     own_flags, model_flags = training.split_given(given, FinetuneConfig)
     fc = FinetuneConfig(**own_flags)
-    if fc.task not in TASKS:
-        raise SystemExit(f"error: --task must be one of {', '.join(TASKS)}, not {fc.task!r}")
     own_table, model_table = training.split_given(RECIPES[recipe_of(fc, cfg)][fc.task], FinetuneConfig)
     return FinetuneConfig(**{**own_table, **own_flags}), ({**model_table, **model_flags} if fresh else {})
 
 
-def with_paths(fc, rank, world):
-    """fc with every data path filled in: own files, or the shapes world's for the task."""
+def data_paths(fc, rank, world):
+    """The data paths of a run, to replace into fc: own files, or the shapes world's for the task."""
     own = [fc.train_json, fc.val_json, fc.test_json]
     if any(own) and not all(own):
         raise SystemExit("error: own data needs all of --train-json, --val-json and --test-json")
@@ -180,7 +178,7 @@ def with_paths(fc, rank, world):
         out.update({f"{s}_json": paths[f"{fc.task}_{s}"] for s in ("train", "val", "test")},
                    image_root=fc.image_root or paths["root"], answer_list=fc.answer_list or paths["answer_list"],
                    vocab=fc.vocab or (paths["vocab"] if not fc.init and not fc.bpe else ""))
-    return replace(fc, **out)
+    return out
 
 
 def base_model(fc):
@@ -275,7 +273,9 @@ def setup(given, rank, world):
     """(fc, cfg, tokenizer, init checkpoint or None, model overrides, resume path, resume checkpoint or None)."""
     if given.get("task", "vqa") not in TASKS:
         raise SystemExit(f"error: --task must be one of {', '.join(TASKS)}, not {given['task']!r}")
-    fc = with_paths(FinetuneConfig(**training.split_given(given, FinetuneConfig)[0]), rank, world)
+    fc = FinetuneConfig(**training.split_given(given, FinetuneConfig)[0])
+    paths = data_paths(fc, rank, world)  # no table sets a path: they hold for the settled config too
+    fc = replace(fc, **paths)
     resume_path, resume = checkpoints.load_resume(fc.resume, fc.out_dir, verbose=rank == 0)
     if resume:  # the run's model, vocabulary, heads and answers are the checkpoint's
         if resume.get("finetune_config", {}).get("task") != fc.task:
@@ -285,7 +285,9 @@ def setup(given, rank, world):
     else:
         cfg, tokenizer, init, head = base_model(fc)
     fc, overrides = settle(given, cfg, fresh=not resume)
-    fc = check_choices(with_paths(replace(fc, nlvr2_head=head) if head and "nlvr2_head" not in given else fc, rank, world))
+    if head and "nlvr2_head" not in given:  # the checkpoint's NLVR2 head, unless one is asked for
+        fc = replace(fc, nlvr2_head=head)
+    fc = check_choices(replace(fc, **paths))
     if init and overrides and rank == 0:  # e.g. --drop-path; one that changes a tensor shape fails when loading
         print(f"overriding the checkpoint's model config with {overrides}")
     return fc, make_config(cfg, **overrides), tokenizer, init, overrides, resume_path, resume

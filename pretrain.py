@@ -17,8 +17,8 @@ k-times larger batch exactly (up to the per-batch loss means); ITC's negatives a
 micro-batch, so for itc_itm accumulation is an approximation.
 """
 import argparse
-import time
 import dataclasses
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -156,9 +156,9 @@ def run(tc, model_overrides, rank, world, device):
                 model.train()
 
     t0 = time.time()
-    run = resilience.Run(progress, max_seconds=tc.max_seconds,
+    run_state = resilience.Run(progress, max_seconds=tc.max_seconds,
                          extra_state=lambda: dict(config=asdict(cfg), train_config=asdict(tc), vocab=tokenizer.state))
-    step = training.fit(model, loader, opt, sched, tc, tc.objective, device, rank, world, run,
+    step = training.fit(model, loader, opt, sched, tc, tc.objective, device, rank, world, run_state,
                         prepare=lambda b: masked_text_batch(b, tokenizer, tc), after_step=after_step)
     if rank == 0 and step >= tc.max_steps:
         print(f"done: {step} steps in {time.time() - t0:.0f}s; checkpoint {out_dir / 'last.pt'}, log {out_dir / 'metrics.jsonl'}")

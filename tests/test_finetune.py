@@ -395,7 +395,7 @@ def test_shapes_defaults_apply_unless_given(world, monkeypatch):
 
     got, overrides = settle()
     assert (got.objective, got.rank, got.epochs, got.lr) == ("itc", "itc", finetune.RECIPES["shapes"]["retrieval"]["epochs"], 2e-4)
-    assert finetune.with_paths(got, 0, 1).train_json == str(world["retrieval_train"])
+    assert finetune.data_paths(got, 0, 1)["train_json"] == str(world["retrieval_train"])
     mine, _ = settle(rank="itm")
     assert (mine.objective, mine.rank, mine.lr) == ("itc", "itm", 2e-4)  # the given rank, the table's objective
     with pytest.raises(SystemExit, match="trains no ITM head"):  # which cannot rank by ITM: a clear error
