@@ -18,7 +18,8 @@ at a time, and scored on test with the official metrics):
 Each run is its own process (pretrain.py / finetune.py with flags), so the numbers are the ones the README's
 commands give. Results: runs/ablate/results.json and results.md: per arm the mean, sample standard deviation
 and every seed's value, the pre-training steps and seconds each arm really took, and one line per claim
-saying whether it holds by more than the spread of the seeds.
+saying whether it holds by more than the spread of the seeds; results.png draws them as bars with the seeds'
+spread. The bar chart of an earlier run: python ablate.py --picture-from runs/ablate/results.json --out-dir pics
 """
 import argparse
 import dataclasses
@@ -34,7 +35,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import evaluate
+import plots
 import training
+from plots import mean_sd
 from training import option
 
 ROOT = Path(__file__).resolve().parent
@@ -73,7 +76,9 @@ class AblateConfig:
     finetune_batch_size: int = option(32, "fine-tuning batch")
     k_test: int = option(0, "retrieval: ITM re-ranking depth; 0 = rank by ITC alone; -1 = finetune.py's")
     data_dir: str = option("data/shapes", "the shapes world (generated when absent)")
-    out_dir: str = option("runs/ablate", "every run's folder, results.json and results.md")
+    out_dir: str = option("runs/ablate", "every run's folder, results.json, results.md and results.png")
+    picture_from: str = option("", "only draw the bar chart of an earlier results.json (e.g. assets/ablate_claims.json) "
+                                   "as results.png in --out-dir")
 
 
 def run(script, *flags, threads=0):
@@ -123,10 +128,6 @@ def finetune_score(ac, task, seed, init, flags, out, threads):
     return json.loads((out / "results.json").read_text())["test"][evaluate.TASKS[task].metric]
 
 
-def mean_sd(values):
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def summarise(results, tasks):
     """Markdown: one row per arm, mean ± sample std over seeds and the seeds' values; then the claims."""
     lines = []
@@ -142,11 +143,18 @@ def summarise(results, tasks):
             steps = ", ".join(f"{r['pretrain_steps']} ({r['pretrain_seconds']:.0f})" for r in runs) if runs[0]["pretrain_steps"] else "-"
             lines.append(f"| {arm} | {steps} | " + " | ".join(cells) + " |")
         lines.append("")
+    verdicts = claim_verdicts(results, tasks)
+    lines += ["### claims", ""] if verdicts else []
+    return "\n".join(lines + [f"- {line}" for line in verdicts]) + "\n"
+
+
+def claim_verdicts(results, tasks):
+    """One line per claim whose two arms were run (and task): the two means, their difference, the larger sample
+    standard deviation of the two, and whether the claim holds by more than that spread."""
     arms = {arm: runs for table in results.values() for arm, runs in table.items()}
-    claims = [(name, *claim) for name, claim in CLAIMS.items() if claim[0] in arms and claim[1] in arms]
-    lines += ["### claims", ""] if claims else []
-    for name, a, b, strict in claims:
-        for task in tasks:
+    out = []
+    for name, (a, b, strict) in CLAIMS.items():
+        for task in tasks if a in arms and b in arms else ():
             (ma, sa), (mb, sb) = (mean_sd([r["scores"][task] for r in arms[x]]) for x in (a, b))
             diff, spread = ma - mb, max(sa, sb)
             if diff > spread:
@@ -155,15 +163,39 @@ def summarise(results, tasks):
                 verdict = "does not hold: equal within the seeds' spread" if strict else "holds (equal within the seeds' spread)"
             else:
                 verdict = "does not hold: reversed"
-            lines.append(f"- {name}, {task}: {ma:.1f} vs {mb:.1f}, difference {diff:+.1f} "
-                         f"(larger seed spread {spread:.1f}): {verdict}")
-    return "\n".join(lines) + "\n"
+            out.append(f"{name}, {task}: {ma:.1f} vs {mb:.1f}, difference {diff:+.1f} (larger seed spread "
+                       f"{spread:.1f}): {verdict}")
+    return out
+
+
+def save_picture(path, results, tasks):
+    """A bar chart per table and task: each arm's mean test score over the seeds, the sample standard deviation
+    as an error bar and every seed as a dot; the claims' verdicts below."""
+    names = list(dict.fromkeys(arm for table in results.values() for arm in table))
+    colour = {arm: plots.COLOURS[i % len(plots.COLOURS)] for i, arm in enumerate(names)}
+    panels = [plots.Panel(f"{table} table: {task} on test ({evaluate.TASKS[task].metric})",
+                          bars=[plots.Bar(arm, colour[arm], [r["scores"][task] for r in runs]) for arm, runs in arms.items()])
+              for table, arms in results.items() for task in tasks]
+    seeds = ", ".join(map(str, sorted({r["seed"] for arms in results.values() for runs in arms.values() for r in runs})))
+    notes = [f"bars: the mean over seeds {seeds}; black: ± the sample standard deviation; circles: each seed"]
+    notes += claim_verdicts(results, tasks)
+    plots.save_chart(path, panels, notes=notes, cols=1, size=(120 + 130 * max(len(p.bars) for p in panels), 300))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_flags(parser, "options", dataclasses.fields(AblateConfig))
     ac = AblateConfig(**vars(parser.parse_args(argv)))
+    if ac.picture_from:
+        try:
+            earlier = json.loads(Path(ac.picture_from).read_text())
+            results, tasks = earlier["results"], earlier["config"]["tasks"].split(",")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: {ac.picture_from}: not an ablate.py results.json ({e!r})") from None
+        Path(ac.out_dir).mkdir(parents=True, exist_ok=True)
+        save_picture(Path(ac.out_dir) / "results.png", results, tasks)
+        print(f"the bar chart of {ac.picture_from}: {Path(ac.out_dir) / 'results.png'}")
+        return
     tables = [t for t in TABLES if t != "claims"] if ac.table == "all" else [ac.table]
     if any(t not in TABLES for t in tables):
         raise SystemExit(f"error: --table must be all or one of {sorted(TABLES)}")
@@ -214,6 +246,7 @@ def main(argv=None):
         table = (f"Each arm pre-trained once (seed {seeds[0]}); the seeds vary fine-tuning only, so the spreads are "
                  "fine-tuning's (--pretrain-per-seed pre-trains per seed).\n\n" + table)
     (out_dir / "results.md").write_text(table)
+    save_picture(out_dir / "results.png", results, tasks)
     print(table)
     print(f"{time.time() - t0:.0f}s in all; {out_dir / 'results.json'}")
 

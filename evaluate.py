@@ -11,11 +11,19 @@ Score a fine-tuned checkpoint of finetune.py on its val or test data (the data p
   python evaluate.py --task retrieval --checkpoint runs/finetune_retrieval/best.pt --split test --json
   python evaluate.py --task vqa --checkpoint runs/finetune_vqa/best.pt --split test --predictions vqa_test_preds.json
   (--annotations FILE and --image-root DIR score other data; --k-test and --rank set the retrieval re-ranking)
+A split without answers (VQA test-dev, test) gives the evaluation server's file, checked to answer each question once:
+  python evaluate.py --task vqa --checkpoint best.pt --annotations data/vqa/test-dev.json --predictions answers.json
+Every result carries its split's name (--split; default val, or the annotations file's stem). NLVR2's dev and test-P
+are a checkpoint's val and test (prepare.py's val.json and test.json), or name any file:
+  python evaluate.py --task nlvr2 --checkpoint runs/finetune_nlvr2/best.pt --split dev --json
+  python evaluate.py --task nlvr2 --checkpoint runs/finetune_nlvr2/best.pt --split test-P --json
+  python evaluate.py --task nlvr2 --predictions preds.json --annotations data/nlvr2/test.json --split test-P
 """
 import argparse
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -23,8 +31,9 @@ from tqdm import tqdm
 import checkpoints
 import data
 import training
-from metrics import (fixed_answers, format_table, human_answers, metrics_table, nlvr2_accuracy, nlvr2_consistency,
-                     question_kind, retrieval_recall, vqa_accuracy)
+from metrics import (format_table, human_answers, metrics_table, nlvr2_accuracy, nlvr2_consistency, retrieval_recall,
+                     vqa_accuracy)
+from predictions import check_each_question_once, score_fixed_answers, score_nlvr2_file, score_vqa_file, write_json
 from heads import EVEWithHeads
 from model import EVEConfig
 from tokenization import tokenizer_from_state
@@ -37,11 +46,12 @@ class Task:
     train_set: type  # data.py class of its training JSON
     eval_set: type  # data.py class of its val and test JSON
     metric: str  # key of evaluate_split's metrics that selects the best checkpoint (higher is better)
+    split_names: dict = field(default_factory=dict)  # the benchmark's own names of its val and test splits
 
 
 # the fine-tuning tasks: finetune.py trains them, evaluate_split scores them, ablate.py tabulates their metrics
 TASKS = {"vqa": Task("vqa", data.VQADataset, data.VQADataset, "vqa_accuracy"),
-         "nlvr2": Task("nlvr2", data.NLVR2Dataset, data.NLVR2Dataset, "nlvr2_accuracy"),
+         "nlvr2": Task("nlvr2", data.NLVR2Dataset, data.NLVR2Dataset, "nlvr2_accuracy", {"dev": "val", "test-P": "test"}),
          "retrieval": Task("itc_itm", data.RetrievalTrainDataset, data.RetrievalEvalDataset, "r_mean")}
 
 NOT_CANDIDATE = -1e4  # retrieval score of a pair outside the query's top-k ITC candidates (ALBEF: -100)
@@ -180,12 +190,13 @@ def retrieval_scores(model, dataset, tokenizer, k_test, device, batch_size=64, n
 
 # ----------------------------------------------------------------------------- scoring a split
 def evaluate_split(task, model, tokenizer, json_path, image_root, device, answers=None, k_test=16, rank="itc+itm",
-                   batch_size=64, num_workers=0, skip_bad=False, predictions_path=None) -> dict:
+                   batch_size=64, num_workers=0, skip_bad=False, predictions_path=None, name=None) -> dict:
     """Metrics of `model` on one split file: vqa_accuracy (+ per_type, n, missing), nlvr2_accuracy and
     nlvr2_consistency, or txt_r1 ... img_r10 and r_mean (k_test and rank: see rerank_topk). predictions_path:
     where to write VQA predictions ([{"question_id", "answer"}]) or NLVR2 ones ([{"identifier" or "index",
-    "prediction"}]). VQA rows without answers (a test-dev split) give predictions only. Raises data.DataError
-    on bad data."""
+    "prediction"}]). VQA rows without answers (test-dev, test) give predictions only: the file the evaluation
+    server takes, checked to answer each question of the split once, and a line saying so, with the split's
+    `name` (default: the file's stem). Raises data.DataError on bad data."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
     dataset = TASKS[task].eval_set(json_path, image_root, model.cfg.image_size, skip_bad=skip_bad)
@@ -196,8 +207,19 @@ def evaluate_split(task, model, tokenizer, json_path, image_root, device, answer
                               num_workers=num_workers)
     if task == "vqa":
         rows = predict_vqa(model, loader, answers, device)
-        has_answers = all(human_answers(r) for r in dataset.rows)
-        metrics = vqa_accuracy(rows, dataset.rows) if has_answers else {"n": len(dataset.rows)}
+        if all(human_answers(r) for r in dataset.rows):
+            metrics = vqa_accuracy(rows, dataset.rows)
+        else:  # a test split: nothing to score, so the file must be right for the server
+            metrics = {"n": len(dataset.rows)}
+            if predictions_path:
+                try:  # a question left out by skip_bad, or asked twice in the file, would be refused there
+                    check_each_question_once(rows, dataset.rows, str(json_path))
+                except ValueError as e:
+                    raise data.DataError(str(e)) from None
+                write_json(predictions_path, rows)
+                print(f"wrote {len(rows)} answers for {len(dataset.rows)} questions of "
+                      f"{name or Path(json_path).stem} (each once): {predictions_path}")
+            return metrics
     else:
         preds, labels, ids = predict_nlvr2(model, loader, device)
         rows = [({"identifier": x} if x else {"index": i}) | {"prediction": str(bool(p))}  # index: file order
@@ -205,8 +227,7 @@ def evaluate_split(task, model, tokenizer, json_path, image_root, device, answer
         metrics = {"nlvr2_accuracy": nlvr2_accuracy(preds, labels),
                    "nlvr2_consistency": nlvr2_consistency(ids, preds, labels), "n": len(labels)}
     if predictions_path:
-        with open(predictions_path, "w", encoding="utf-8") as f:
-            json.dump(rows, f)
+        write_json(predictions_path, rows)
     return metrics
 
 
@@ -225,118 +246,24 @@ def load_finetuned(path, device):
     return model, tokenizer_from_state(ckpt["vocab"]), ckpt
 
 
-# ----------------------------------------------------------------------------- command line: prediction files
-def _read_rows(path: str, what: str) -> list[dict]:
-    """A JSON list of objects from `path` (also JSON lines, and the official VQA {"annotations": [...]});
-    every error names the file and, where it applies, the row."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ValueError(f"{what} file {path}: cannot read it ({e.strerror})") from None
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        try:  # JSON lines, as NLVR2's own release
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError:
-            raise ValueError(f"{what} file {path}: not valid JSON ({e})") from None
-    if isinstance(rows, dict) and isinstance(rows.get("annotations"), list):
-        rows = rows["annotations"]
-    if not isinstance(rows, list):
-        raise ValueError(f"{what} file {path}: expected a JSON list of rows, got a {type(rows).__name__}")
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f"{what} file {path} row {i}: expected an object, got {type(row).__name__}")
-    return rows
+# ----------------------------------------------------------------------------- command line
+# task -> function(predictions file, annotations file) returning (metrics dict, table rows); add tasks here
+FILE_SCORERS = {"vqa": score_vqa_file, "nlvr2": score_nlvr2_file}
 
 
-def _require(rows: list[dict], keys: tuple, path: str, what: str) -> None:
-    for i, row in enumerate(rows):
-        for key in keys:
-            if key not in row:
-                raise ValueError(f"{what} file {path} row {i}: no '{key}'")
-
-
-def _as_label(value, where: str) -> int:
-    """NLVR2 labels and predictions: "True"/"False" (any case), true/false or 1/0 -> 1/0."""
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return int(value.strip().lower() == "true")
-    if isinstance(value, (bool, int)) and value in (0, 1):
-        return int(value)
-    raise ValueError(f"{where}: expected True or False, got {value!r}")
-
-
-def _files(args, parser) -> tuple[list[dict], list[dict]]:
-    if not args.predictions or not args.annotations:
-        parser.error(f"--task {args.task} needs --predictions and --annotations")
-    return _read_rows(args.predictions, "predictions"), _read_rows(args.annotations, "annotations")
-
-
-def score_fixed_answers(args, parser) -> tuple[dict, list]:
-    """--fixed-answers TRAIN_JSON: score fixed_answers(TRAIN_JSON), one answer per question type, on --annotations."""
-    if not args.annotations:
-        parser.error("--fixed-answers needs --annotations (the questions to score)")
-    anns, train = _read_rows(args.annotations, "annotations"), _read_rows(args.fixed_answers, "training")
-    _require(anns, ("question_id",), args.annotations, "annotations")
-    try:
-        best = fixed_answers(train)
-    except ValueError as e:
-        raise ValueError(f"training file {args.fixed_answers}: {e}") from None
-    preds = [{"question_id": r["question_id"], "answer": best.get(question_kind(r), "")} for r in anns]
-    try:
-        m = vqa_accuracy(preds, anns)
-    except ValueError as e:
-        raise ValueError(f"annotations file {args.annotations}: {e}") from None
-    answers = ", ".join(f"{k or '(no type)'}: {a}" for k, a in sorted(best.items()))
-    return m, [("fixed answer per question type", answers)] + metrics_table("vqa", m)
-
-
-def score_vqa_files(args, parser) -> tuple[dict, list]:
-    preds, anns = _files(args, parser)
-    _require(preds, ("question_id", "answer"), args.predictions, "predictions")
-    _require(anns, ("question_id",), args.annotations, "annotations")
-    try:
-        m = vqa_accuracy(preds, anns)
-    except ValueError as e:  # name both files: the message says which of them and which row
-        raise ValueError(f"scoring {args.predictions} against {args.annotations}: {e}") from None
-    return m, metrics_table("vqa", m) + [(k, str(m[k])) for k in ("unknown", "duplicates")]
-
-
-def score_nlvr2_files(args, parser) -> tuple[dict, list]:
-    """Predictions [{"identifier" or "index", "prediction": "True"/"False"}] are matched to the annotation
-    rows by "identifier" when the row has one, else by "index" (0-based annotation row), else by their own
-    position in the file. Unmatched predictions count in "unknown"; rows without one count as wrong, in "missing"."""
-    preds, anns = _files(args, parser)
-    _require(preds, ("prediction",), args.predictions, "predictions")
-    _require(anns, ("label",), args.annotations, "annotations")
-    labels = [_as_label(r["label"], f"annotations file {args.annotations} row {i}") for i, r in enumerate(anns)]
-    ids = [r.get("identifier") for r in anns]
-    row_of = {x: i for i, x in enumerate(ids) if x is not None}
-    guess, unknown = [None] * len(anns), 0
-    for j, row in enumerate(preds):
-        where = f"predictions file {args.predictions} row {j}"
-        i = row_of.get(row["identifier"]) if "identifier" in row else row.get("index", j)
-        if i is not None and (not isinstance(i, int) or isinstance(i, bool)):
-            raise ValueError(f"{where}: 'index' must be an integer, got {i!r}")
-        if i is None or not 0 <= i < len(anns) or guess[i] is not None:
-            unknown += 1
-            continue
-        guess[i] = _as_label(row["prediction"], where)
-    m = {"nlvr2_accuracy": nlvr2_accuracy(guess, labels), "nlvr2_consistency": nlvr2_consistency(ids, guess, labels),
-         "n": len(anns), "missing": guess.count(None), "unknown": unknown}
-    return m, metrics_table("nlvr2", m) + [(k, str(m[k])) for k in ("missing", "unknown")]
-
-
-def score_checkpoint(args, parser) -> tuple[dict, list]:
-    """--checkpoint: run the fine-tuned model on --split of its own data (paths stored in the checkpoint;
-    --annotations and --image-root override them); --predictions then names the file to write."""
+def score_checkpoint(args, parser, name) -> tuple[dict, list]:
+    """--checkpoint: run the fine-tuned model on split `name` of its own data (val or test, or NLVR2's names of
+    them, dev and test-P: paths stored in the checkpoint), or on --annotations (and --image-root); --predictions
+    then names the file to write."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, ckpt = load_finetuned(args.checkpoint, device)
     fc = ckpt["finetune_config"]
     if fc["task"] != args.task:
         raise ValueError(f"{args.checkpoint} was fine-tuned for --task {fc['task']}, not {args.task}")
-    json_path = args.annotations or fc[f"{args.split}_json"]
+    stored = TASKS[args.task].split_names.get(name, name)  # NLVR2's dev and test-P are its val and test
+    if not args.annotations and stored not in ("val", "test"):
+        parser.error(f"--split {name}: the checkpoint stores its val and test files only; give this one with --annotations")
+    json_path = args.annotations or fc[f"{stored}_json"]
     k_test = fc["k_test"] if args.k_test is None else args.k_test
     rank = fc.get("rank", "itm") if args.rank is None else args.rank  # checkpoints older than the option: itm
     if rank not in RANK_MODES:
@@ -344,35 +271,42 @@ def score_checkpoint(args, parser) -> tuple[dict, list]:
     try:
         m = evaluate_split(args.task, model, tokenizer, json_path, args.image_root or fc["image_root"], device,
                            answers=ckpt.get("answers"), k_test=k_test, rank=rank, batch_size=args.batch_size,
-                           num_workers=args.num_workers, predictions_path=args.predictions)
+                           num_workers=args.num_workers, predictions_path=args.predictions, name=name)
     except data.DataError as e:  # one clean line, also for errors raised in loader workers
         raise training.data_error_exit(e) from None
     return m, [("checkpoint", f"{args.checkpoint} (step {ckpt.get('step')})"), ("data", str(json_path))] + \
         metrics_table(args.task, m)
 
 
-def _needs_checkpoint(args, parser):
-    parser.error(f"--task {args.task} has no predictions-file format: score a model with --checkpoint")
-
-
-# ----------------------------------------------------------------------------- command line
-# task -> function(args, parser) returning (metrics dict, table rows) for prediction files; add tasks here
-FILE_SCORERS = {"vqa": score_vqa_files, "nlvr2": score_nlvr2_files, "retrieval": _needs_checkpoint}
+def score_files(args, parser, name) -> tuple[dict, list]:
+    """--predictions and --annotations, or --fixed-answers and --annotations: score files, no model."""
+    if args.fixed_answers:
+        if args.task != "vqa" or args.predictions or not args.annotations:
+            parser.error("--fixed-answers scores a VQA baseline: use it with --task vqa and --annotations only")
+        return score_fixed_answers(args.fixed_answers, args.annotations)
+    if args.task not in FILE_SCORERS:
+        parser.error(f"--task {args.task} has no predictions-file format: score a model with --checkpoint")
+    if not args.predictions or not args.annotations:
+        parser.error(f"--task {args.task} needs --predictions and --annotations")
+    m, table = FILE_SCORERS[args.task](args.predictions, args.annotations)
+    return m, [("data", args.annotations)] + table
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", required=True, choices=list(FILE_SCORERS), help="which benchmark to score")
+    parser.add_argument("--task", required=True, choices=list(TASKS), help="which benchmark to score")
+    parser.add_argument("--split", help="the split's name, printed and in the JSON; with --checkpoint and no "
+                        "--annotations, val or test (NLVR2: dev or test-P) picks its own data (default: val, or "
+                        "the stem of --annotations' file name)")
     parser.add_argument("--predictions", help="predictions JSON: vqa [{question_id, answer}], "
                         "nlvr2 [{identifier or index, prediction}]; with --checkpoint, the file to write them to")
     parser.add_argument("--annotations", help="annotations JSON (ALBEF format; official VQA files work too); "
-                        "with --checkpoint, overrides the split's file stored in the checkpoint")
+                        "with --checkpoint, the split's file, in place of the one stored in the checkpoint")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the metrics instead of a table")
     parser.add_argument("--fixed-answers", metavar="TRAIN_JSON", help="vqa: score, instead of predictions, the best "
                         "fixed answer per question_type of TRAIN_JSON (a baseline that ignores the image)")
     group = parser.add_argument_group("scoring a fine-tuned checkpoint")
     group.add_argument("--checkpoint", help="finetune.py checkpoint (best.pt): run the model instead of reading predictions")
-    group.add_argument("--split", default="val", choices=["val", "test"], help="which of its data splits")
     group.add_argument("--image-root", help="folder of the images (default: the checkpoint's)")
     group.add_argument("--k-test", type=int, help="retrieval: ITM re-ranking candidates, 0 = ITC only (default: the checkpoint's)")
     group.add_argument("--rank", help="retrieval: rank those candidates by itc (similarity), itm (log-odds) or itc+itm "
@@ -383,19 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
+    """Score one split; returns its metrics with its name under "split" (also in the JSON and the table)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    name = args.split or (Path(args.annotations).stem if args.annotations else "val")
     try:
-        if args.fixed_answers and (args.task != "vqa" or args.checkpoint or args.predictions):
+        if args.fixed_answers and args.checkpoint:
             parser.error("--fixed-answers scores a VQA baseline: use it with --task vqa and --annotations only")
-        score = score_checkpoint if args.checkpoint else score_fixed_answers if args.fixed_answers else FILE_SCORERS[args.task]
-        metrics, table = score(args, parser)
+        metrics, table = (score_checkpoint if args.checkpoint else score_files)(args, parser, name)
     except ValueError as e:  # bad data or paths: a message naming the file and row, exit code 2
         parser.error(str(e))
+    metrics = {"split": name, **metrics}
     if args.json:
         print(json.dumps(metrics))
     else:
-        print(format_table(table))
+        print(format_table([("split", name)] + table))
     return metrics
 
 

@@ -12,31 +12,30 @@ pretrain.py draws them every --picture-every steps. For a checkpoint, after the 
     python pictures.py runs/pretrain/last.pt                       # routing_<step>.png and recon_<step>.png beside it
     python pictures.py runs/pretrain/last.pt --n 6 --out-dir pics  # other pairs, another folder
     python pictures.py runs/pretrain/last.pt --n 200 --json data/shapes/retrieval_test.json  # the ratio on 200 test images
+Curves of runs' metrics.jsonl files, and the concept probe's (drawn by plots.py; --help after the command):
+    python pictures.py curves runs/a/metrics.jsonl runs/b/metrics.jsonl --out curves.png   # runs overlaid
+    python pictures.py concepts runs/pretrain/metrics.jsonl --out concepts.png
 """
 import argparse
 import colorsys
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 import checkpoints
 import data
+import plots
 import training
 from heads import EVEWithHeads
 from masking import patchify, unpatchify
 from model import EVEConfig
+from plots import font
 from tokenization import tokenizer_from_state
 
 VISION_COLOUR, TEXT_COLOUR = "#3b6fd4", "#e8892b"
-
-
-def font(size=12):
-    try:  # pillow >= 10.1 ships a scalable default font
-        return ImageFont.load_default(size)
-    except (TypeError, OSError):
-        return ImageFont.load_default()
 
 
 def to_pil(img):
@@ -231,6 +230,9 @@ def save_routing(path, images, text_ids, text_mask, experts, tokenizer, cfg, sca
 # ---- a checkpoint's pictures ---------------------------------------------------------------
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("curves", "concepts"):  # charts of metrics.jsonl files, not of a checkpoint
+        return plots.main(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a pretrain.py checkpoint (last.pt or ckpt_<step>.pt)")
     parser.add_argument("--json", help="pre-training JSON to take pairs from (default: the checkpoint's)")

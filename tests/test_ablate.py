@@ -4,9 +4,12 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import ablate
+import plots
 
 
 def arm(values, steps=0):
@@ -70,6 +73,7 @@ def test_each_arm_pretrains_once_and_every_seed_fine_tunes_from_it(monkeypatch, 
     assert text.startswith("Each arm pre-trained once (seed 3)")
     assert "| scratch | - | 64.0 ± 1.0 (63.0, 64.0, 65.0) |" in text  # 60 + fine-tuning seed (+ 5 from a checkpoint)
     assert "| msm | 40 (30), 40 (30), 40 (30) | 69.0 ± 1.0 (68.0, 69.0, 70.0) |" in text
+    assert Image.open(tmp_path / "results.png").size[0] > 300  # the bar chart beside the tables
 
 
 def test_pretrain_per_seed(monkeypatch, tmp_path):
@@ -111,3 +115,25 @@ def test_budgeted_arms_share_one_batch_and_the_defaults_table_keeps_pretrain_s_o
                  "--out-dir", str(tmp_path / "b")])
     own = [c[4] for c in calls if c[0] == "pretrain.py"]
     assert len(own) == 1 and not {"--batch-size", "--max-steps", "--max-seconds"} & set(own[0])
+
+
+def test_bar_chart_of_the_claims(tmp_path):
+    """Two arms at 50 and 30 (no spread): the axis runs 0..60 (the top error bar and its label need room above
+    50), so the bars reach 5/6 and 1/2 of the plot's height; found from the picture alone (the axes are the
+    longest black lines). Then the same picture again from results.json with --picture-from."""
+    results = {"objectives": {"scratch": arm([50.0, 50.0]), "msm": arm([30.0, 30.0], 10)}}
+    ablate.save_picture(tmp_path / "bars.png", results, ["vqa"])
+    png = np.asarray(Image.open(tmp_path / "bars.png").convert("RGB")).astype(int)
+    black = (png == 0).all(-1)
+    col = int(black.sum(0).argmax())  # the y axis: the column with the most black
+    rows = np.nonzero(black[:, col])[0]
+    top, bottom = rows.min(), rows.max()
+    right = np.nonzero(black[bottom])[0].max()
+    slot = (right - col) / 2
+    for i, (mean, colour) in enumerate(((50, plots.COLOURS[0]), (30, plots.COLOURS[1]))):
+        x = round(col + (i + 0.5) * slot + 0.2 * slot)  # beside the error bar and the seeds' dots
+        ours = (np.abs(png[:, x] - [int(colour[k:k + 2], 16) for k in (1, 3, 5)]).sum(-1) < 10).nonzero()[0]
+        assert abs(ours.min() - (bottom - mean / 60 * (bottom - top))) <= 1.5 and ours.max() >= bottom - 1
+    (tmp_path / "results.json").write_text(json.dumps({"config": {"tasks": "vqa"}, "results": results}))
+    ablate.main(["--picture-from", str(tmp_path / "results.json"), "--out-dir", str(tmp_path / "again")])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again" / "results.png").convert("RGB")), png)
