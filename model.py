@@ -107,6 +107,7 @@ class Block(nn.Module):
             self.ffn = DenseFFN(dim, hidden, cfg.dropout, o.act)
         else:
             raise ValueError(f"unknown FFN kind {ffn!r}: use multiway, moe or dense")
+        self.ffn_sees_padding = o.pad_text_to > 0  # official: padding goes through the FFN like a token
         use_ls = o.layerscale_init > 0
         self.gamma1 = nn.Parameter(o.layerscale_init * torch.ones(dim)) if use_ls else None
         self.gamma2 = nn.Parameter(o.layerscale_init * torch.ones(dim)) if use_ls else None
@@ -118,12 +119,14 @@ class Block(nn.Module):
         h = self.attn(self.norm1(x), valid if padded else None)
         x = x + drop_path(h if self.gamma1 is None else self.gamma1 * h, self.drop_path, self.training)
         # the FFN sees only real tokens, flattened: padding never reaches a router or an expert
-        if padded:
+        if padded and not self.ffn_sees_padding:
             flat, stats = self.ffn(self.norm2(x)[valid], modality[valid])  # (n, D)
             h = torch.zeros_like(x).index_put((valid,), flat.to(x.dtype))
-        else:  # nothing to remove: a view, no gather and no scatter
+        else:  # all tokens in position order (official EVE's, padding included): a view, no gather and no scatter
             flat, stats = self.ffn(self.norm2(x).flatten(0, 1), modality.flatten())  # (B*S, D)
             h = flat.to(x.dtype).view_as(x)
+            if padded and stats is not None:  # the routing picture (pictures.py) shows real tokens only
+                stats["first_expert"] = stats["first_expert"][valid.flatten()]
         x = x + drop_path(h if self.gamma2 is None else self.gamma2 * h, self.drop_path, self.training)
         return x, stats
 
@@ -142,10 +145,13 @@ class OfficialConfig:
     text_embed_dropout: float = 0.0  # dropout on the word embeddings (official: 0.1)
     itc_bias: bool = True  # biases in the ITC projections (official: none)
     itm_pooler: bool = True  # ITM head on a tanh pooler of the text [CLS] (ALBEF); False: on the [CLS] itself (official)
+    # text padded to this many tokens of pad_id, and the padding sent through the FFNs and the MoE like a token: it
+    # takes expert slots, counts towards capacity and the balancing loss (official: 40); 0: kept out of the FFNs
+    pad_text_to: int = 0
 
 
 OFFICIAL = OfficialConfig(layerscale_init=0.1, act="quick_gelu", ln_eps=1e-6, multiway_norms=True,
-                          word_embed_norm=True, text_embed_dropout=0.1, itc_bias=False, itm_pooler=False)
+                          word_embed_norm=True, text_embed_dropout=0.1, itc_bias=False, itm_pooler=False, pad_text_to=40)
 
 
 @dataclass
@@ -153,6 +159,7 @@ class EVEConfig:
     image_size: int = 64  # input resolution (square)
     patch_size: int = 8  # patch side; (image_size / patch_size)^2 patches
     vocab_size: int = 30522  # WordPiece vocabulary; pretrain.py sets it from the tokenizer
+    pad_id: int = 0  # the tokenizer's padding id ([PAD] = 0 in WordPiece); official padding (pad_text_to) is made of it
     max_text_len: int = 32  # text positions, [CLS] and [SEP] included
     dim: int = 192  # encoder width
     depth: int = 6  # encoder layers
@@ -294,6 +301,8 @@ class EVE(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, p, o = cfg.dim, cfg.patch_size, cfg.official
+        if o.pad_text_to > cfg.max_text_len:
+            raise ValueError(f"pad_text_to={o.pad_text_to} exceeds max_text_len={cfg.max_text_len} (the text positions)")
         # embeddings: position embeddings are added before masking, so a visible patch keeps its place
         self.patch_embed = nn.Conv2d(3, D, kernel_size=p, stride=p)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
@@ -359,16 +368,22 @@ class EVE(nn.Module):
         """
         parts, modality, valid = [], [], []
         mask = ids_restore = None
+        added = 0  # text positions padded on here, cut off the result again
         if images is not None:
             x, mask, ids_restore = self.embed_image(images, mask_ratio)
             parts.append(x)
             modality.append(torch.full(x.shape[:2], VISION, device=x.device))
             valid.append(torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
         if text_ids is not None:
+            tmask = text_mask.bool() if text_mask is not None else torch.ones_like(text_ids, dtype=torch.bool)
+            added = max(0, self.cfg.official.pad_text_to - text_ids.shape[1])
+            if added:  # official EVE's text is always 40 tokens, and its padding is routed like a token (Block)
+                text_ids = F.pad(text_ids, (0, added), value=self.cfg.pad_id)
+                tmask = F.pad(tmask, (0, added), value=False)
             t = self.embed_text(text_ids)
             parts.append(t)
             modality.append(torch.full(t.shape[:2], TEXT, device=t.device))
-            valid.append(text_mask.bool() if text_mask is not None else torch.ones(t.shape[:2], dtype=torch.bool, device=t.device))
+            valid.append(tmask)
         x, modality, valid = torch.cat(parts, 1), torch.cat(modality, 1), torch.cat(valid, 1)
         moe_stats = []
         for block in self.blocks:
@@ -379,14 +394,18 @@ class EVE(nn.Module):
             if stats is not None:
                 moe_stats.append(stats)
         n_image = parts[0].shape[1] if images is not None else 0
-        return dict(hidden=self.norm(x), n_image=n_image, mask=mask, ids_restore=ids_restore, moe=moe_stats)
+        hidden = self.norm(x[:, :-added] if added else x)  # (N, S, D): the caller's tokens only
+        return dict(hidden=hidden, n_image=n_image, mask=mask, ids_restore=ids_restore, moe=moe_stats)
 
     def mlm_loss(self, hidden, labels):
         """Masked-token prediction on the masked positions only. hidden: [N, T, D], labels: [N, T]."""
         picked = labels != -100
-        h = self.mlm_transform(hidden[picked])  # (n_masked, D)
-        logits = F.linear(h, self.word_embed.weight, self.mlm_bias)  # tied to the input embeddings
+        logits = self.mlm_logits(hidden[picked])  # (n_masked, vocab)
         return F.cross_entropy(logits.float(), labels[picked]), logits
+
+    def mlm_logits(self, hidden):
+        """The MLM head: [..., D] -> [..., vocab], tied to the input word embeddings."""
+        return F.linear(self.mlm_transform(hidden), self.word_embed.weight, self.mlm_bias)
 
     def mim_loss(self, images, pred, mask):
         """Masked image modeling: MSE of the predicted pixels on the removed patches only. pred: [N, L, p*p*3],

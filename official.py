@@ -100,7 +100,8 @@ def state_dict_of(ckpt):
 def official_config(sd, **overrides):
     """EVEConfig of an official state dict: the official architecture values (the base preset; large differs only
     in sizes) with the sizes read off the tensors, 64-wide heads; overrides (e.g. image_size, to fine-tune at
-    another resolution) win."""
+    another resolution) win. The official padding comes with the preset (text padded to 40 tokens, routed like
+    tokens: pad_text_to); give pad_id=tokenizer.pad_id, since the padding tokens' ids steer their routing."""
     dim = sd["backbone.word_embedding.weight"].shape[1]
     layers = {int(m.group(1)) for k in sd for m in [re.match(r"backbone\.encoder\.layers\.(\d+)\.", k)] if m}
     moe = sorted({int(m.group(1)) for k in sd for m in [re.match(r"backbone\.encoder\.layers\.(\d+)\.mlp_moe\.", k)] if m})

@@ -27,7 +27,7 @@ OFFICIAL_BASE = dict(image_size=224, patch_size=16, dim=768, heads=12, depth=12,
                      embed_to_experts=True, aux_official=True, aux_weight=0.001, layerscale_init=0.1,
                      drop_path=0.1, act="quick_gelu", ln_eps=1e-6, multiway_norms=True,
                      word_embed_norm=True, text_embed_dropout=0.1, itc_bias=False, itm_pooler=False, itc_dim=768,
-                     itc_temp=0.07, router_jitter=0.0, dropout=0.0)
+                     itc_temp=0.07, router_jitter=0.0, dropout=0.0, pad_text_to=40)
 OFFICIAL_LARGE = {**OFFICIAL_BASE, "dim": 1024, "heads": 16, "depth": 24, "top_layers": 3, "itc_dim": 1024}
 
 
@@ -102,6 +102,90 @@ def test_official_gating_matches_a_token_loop(capacity_factor, min_capacity):
     assert dropped > 0
     assert torch.allclose(y, want, atol=1e-5)
     assert torch.allclose(stats["aux_loss"], aux, atol=1e-6)
+
+
+def official_encoder_by_hand(model, images, text_ids, text_mask, pad_id):
+    """Official EVE's MultiwayTransformer (eval, no Gumbel noise) written out, on our model's weights: the text is
+    padded to 40 tokens of pad_id; [image tokens, text] is one sequence whose attention ignores padding keys; every
+    token, padding too, takes its FFN by position (the last 40 are text) and goes through the MoE, whose gating
+    (official_moe_by_hand) runs over all B*S tokens in position order. Returns the final hidden states
+    [B, S_image + 40, D], each MoE layer's aux loss and how many tokens capacity cut short."""
+    B, T = text_ids.shape
+    D, heads = model.cfg.dim, model.cfg.heads
+    ids = torch.cat([text_ids, torch.full((B, 40 - T), pad_id)], 1)
+    keep = torch.cat([text_mask.bool(), torch.zeros(B, 40 - T, dtype=torch.bool)], 1)
+    ln = lambda x, m: F.layer_norm(x, (D,), m.weight, m.bias, 1e-6)  # noqa: E731
+    mlp = lambda x, f: quick_gelu(x @ f.fc1.weight.t() + f.fc1.bias) @ f.fc2.weight.t() + f.fc2.bias  # noqa: E731
+    x = ln(model.word_embed.weight[ids], model.word_norm) + model.text_pos.weight[:40] + model.type_embed.weight[1]
+    if images is not None:
+        p = model.cfg.patch_size
+        patches = F.conv2d(images, model.patch_embed.weight, model.patch_embed.bias, stride=p).flatten(2).transpose(1, 2)
+        vision = torch.cat([model.cls_token.expand(B, 1, D), patches], 1) + model.image_pos[0] + model.type_embed.weight[0]
+        x, keep = torch.cat([vision, x], 1), torch.cat([torch.ones(B, vision.shape[1], dtype=torch.bool), keep], 1)
+    x = ln(x, model.embed_norm)
+    S = x.shape[1]
+    modality = (torch.arange(S) >= S - 40).long().repeat(B)  # (B*S,) by position: 0 vision, 1 text
+    aux, short = [], 0
+    for blk in model.blocks:
+        q, k, v = (ln(x, blk.norm1) @ blk.attn.qkv.weight.t() + blk.attn.qkv.bias).view(B, S, 3, heads, -1).unbind(2)
+        scores = torch.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(D // heads)
+        att = scores.masked_fill(~keep[:, None, None, :], float("-inf")).softmax(-1)
+        x = x + blk.gamma1 * blk.attn.proj(torch.einsum("bhqk,bkhc->bqhc", att, v).reshape(B, S, D))
+        if isinstance(blk.ffn, MoE):
+            y, a, cut = official_moe_by_hand(blk.ffn, ln(x, blk.norm2).reshape(B * S, D), modality, 1.0, 4)
+            y, aux, short = y.view(B, S, D), aux + [a], short + cut
+        else:
+            (nv, nt), (fv, ft) = blk.ffn.norms, blk.ffn.ffns
+            y = torch.cat([mlp(ln(x[:, :S - 40], nv), fv), mlp(ln(x[:, S - 40:], nt), ft)], 1)
+        x = x + blk.gamma2 * y
+    return ln(x, model.norm), aux, short
+
+
+def randomised_official_model(**overrides):
+    """A small EVE with every official choice (the base preset's), all weights random and large enough that
+    routing is uneven (capacity cuts) and LayerNorms, LayerScale and biases matter; the key bias zero, as
+    official.py writes it."""
+    torch.manual_seed(0)
+    cfg = make_config("base", image_size=32, patch_size=8, dim=32, depth=3, heads=2, top_layers=2, num_experts=4,
+                      vocab_size=50, pad_id=1, decoder_dim=16, decoder_depth=1, decoder_heads=2, itc_dim=16, **overrides)
+    model = EVE(cfg).eval()
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            mean = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            t.copy_(torch.randn_like(t) * (0.3 if t.dim() > 1 else 0.2) + mean)
+        for blk in model.blocks:
+            blk.attn.qkv.bias.view(3, -1)[1] = 0
+    return model
+
+
+@pytest.mark.parametrize("with_images", [True, False])  # a VQA / ITM pass, and retrieval's text-only pass
+def test_official_padding_matches_the_official_forward(with_images):
+    model = randomised_official_model()
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([4, 13, 7, 9])
+    text_mask = torch.arange(13) < lengths[:, None]  # padded to the longest, as data.Collator does
+    text_ids = torch.randint(5, 50, (4, 13), generator=g).masked_fill(~text_mask, 1)
+    images = torch.randn(4, 3, 32, 32, generator=g) if with_images else None
+    want, aux, short = official_encoder_by_hand(model, images, text_ids, text_mask, pad_id=1)
+    assert short > 0  # capacity (official factor 1.0, counted over padding too) cuts some tokens short
+    with torch.no_grad():
+        enc = model.encode(images, text_ids, text_mask)
+    got = enc["hidden"]  # (B, S_image + 13, D): the caller's positions
+    assert torch.allclose(got, want[:, :got.shape[1]], atol=1e-5), (got - want[:, :got.shape[1]]).abs().max()
+    assert torch.allclose(torch.stack([s["aux_loss"] for s in enc["moe"]]), torch.stack(aux), atol=1e-5)
+    assert enc["moe"][0]["first_expert"].shape == (int(text_mask.sum()) + 4 * enc["n_image"],)  # real tokens only
+    # padding kept out of the FFNs (this project's default): the real tokens come out otherwise
+    ours = EVE(make_config(model.cfg, pad_text_to=0)).eval()
+    ours.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        apart = ours.encode(images, text_ids, text_mask)["hidden"]
+    real = torch.cat([torch.ones(4, enc["n_image"], dtype=torch.bool), text_mask], 1)
+    assert (apart - want[:, :got.shape[1]])[real].abs().max() > 0.05
+
+
+def test_official_padding_needs_the_text_positions():
+    with pytest.raises(ValueError, match="pad_text_to=40 exceeds max_text_len=32"):
+        EVE(make_config("tiny", pad_text_to=40, vocab_size=50))
 
 
 def test_gumbel_second_expert_in_training_only():
@@ -285,8 +369,10 @@ def test_finetune_init_from_an_official_checkpoint(small_world, tmp_path, capsys
     finetune.main(args + ["--bpe", str(bpe), "--image-size", "48"])  # 6 x 6 patches: position embeddings resized
     printed = capsys.readouterr().out
     assert "official heads not used here" in printed and "output.3.weight (7, 128)" in printed  # another answer list
-    best = torch.load(tmp_path / "ft" / "best.pt", weights_only=False)
+    best = torch.load(tmp_path / "ft" / "best.pt", weights_only=True)
     assert best["config"]["official"]["act"] == "quick_gelu" and best["config"]["dim"] == 64 and best["config"]["image_size"] == 48
+    # the official padding: 40 tokens of the tokenizer's own pad id
+    assert best["config"]["official"]["pad_text_to"] == 40 and best["config"]["pad_id"] == vocab.index("<pad>")
     # one fine-tuning step away from the official weights (Adam moves each by about lr)
     assert torch.allclose(best["model"]["blocks.2.ffn.gate.weight"], sd["backbone.encoder.layers.2.mlp_moe.moe.gate.wg.weight"],
                           atol=5e-3)
