@@ -1,8 +1,13 @@
 """Checkpoints of both training scripts: RNG states, atomic writes (a full disk ends in one line and leaves the
 last good checkpoint), the newest readable checkpoint for --resume auto (also after a torchrun restart),
-loading weights with a clear report of what does not fit, and restoring a run from its checkpoint."""
+loading weights with a clear report of what does not fit, and restoring a run from its checkpoint.
+
+Every checkpoint, ours or downloaded, is read by read_checkpoint with torch.load(weights_only=True): tensors and
+plain data only, so a file that carries a pickled callable is refused before anything in it runs. What this
+project writes is kept to such data (the numpy RNG key as a tensor)."""
 import os
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -11,7 +16,11 @@ import torch
 import torch.distributed as dist
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain data (weights_only loads them): Python's is a tuple of
+    ints; numpy's (name, uint32 key (624,), pos, has_gauss, cached_gaussian) keeps its key as an int64 tensor."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (str(name), torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -19,7 +28,8 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -110,11 +120,42 @@ def find_checkpoint(resume, out_dir):
     return path
 
 
-def load_checkpoint(path, map_location="cpu"):
+class UnsafeCheckpoint(ValueError):
+    """A file that holds Python objects other than tensors and plain data: refused, nothing in it was run."""
+
+
+def unsafe_globals(path, error):
+    """The names of the classes and functions a refused file asks for (read off its pickle, never run), or []
+    when the failure was not about them (a truncated or foreign file)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # truncated or not a checkpoint at all
-        raise SystemExit(f"error: cannot read checkpoint {path}: {e}") from None
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # the legacy (non-zip) format, or not a checkpoint: torch's message names the first one
+        return re.findall(r"GLOBAL ([\w.]+)", str(error))[:1]
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """The one place a checkpoint is read: torch.load(weights_only=True), which builds tensors, containers and
+    numbers but calls nothing the file names. Raises UnsafeCheckpoint (a file carrying other Python objects,
+    e.g. a pickled callable) or ValueError (unreadable), each with one line naming the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint at all, or refused by the safe unpickler
+        names = unsafe_globals(path, e)
+        if names:
+            raise UnsafeCheckpoint(f"{path} holds Python objects other than tensors and plain data "
+                                   f"({', '.join(names)}); refused without running them "
+                                   f"(see docs/ROBUSTNESS.md, safe loading)") from None
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "error:" in ln), lines[0] if lines else type(e).__name__)
+        raise ValueError(f"cannot read checkpoint {path}: {reason}") from None
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """read_checkpoint for the command lines: a refused or unreadable file stops with one line."""
+    try:
+        return read_checkpoint(path, map_location)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def restarted_by_torchrun():
@@ -142,11 +183,12 @@ def load_resume(resume, out_dir, verbose=True):
     candidates = [p for p in candidates if p.exists()]
     for path in candidates:
         try:
-            return path, torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # truncated by a crash or a full disk, or not a checkpoint
+            return path, read_checkpoint(path)
+        except UnsafeCheckpoint as e:  # not what this project writes: stop rather than continue around it
+            raise SystemExit(f"error: {e}") from None
+        except ValueError as e:  # truncated by a crash or a full disk, or not a checkpoint
             if verbose:
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                print(f"warning: cannot read checkpoint {path} ({reason}); trying an older one", file=sys.stderr)
+                print(f"warning: {e}; trying an older one", file=sys.stderr)
     if candidates:  # starting afresh would overwrite the run's checkpoints
         raise SystemExit(f"error: --resume auto: no readable checkpoint in {out_dir} "
                          f"({', '.join(p.name for p in candidates)} cannot be read)")

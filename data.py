@@ -4,7 +4,8 @@ Bottom-up:
 1. `load_image`: any PNG/JPEG mode -> normalised (3, S, S) tensor; `swap_left_right` keeps a
    caption true when its image is flipped (the augmentation itself is augment.py's).
 2. Readers of the ALBEF/X-VLM JSON formats (pre-training, retrieval, VQA, NLVR2), one `Collator`
-   and one DataLoader recipe (`make_loader`, `loader_set_epoch`) shared by all training scripts.
+   and one DataLoader recipe (`make_loader`, `loader_set_epoch`) shared by all training scripts, whose
+   `GlobalBatchSampler` gives every step the same samples on any number of processes.
 The tokenizers are in tokenization.py, the synthetic shapes world in shapes.py.
 
 Bad input data raises `DataError` naming the file, the 0-based row and the problem; with
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from augment import augment_draws, random_crop_box
 
@@ -117,7 +118,9 @@ def _row_problem(row, required, optional):
             return f"'{key}' should be {_type_names(types)}, got {type(value).__name__}"
         if isinstance(value, str) and not value.strip():
             return f"empty '{key}'"
-        if isinstance(value, list) and not (value and all(isinstance(v, str) and v.strip() for v in value)):
+        # a list of non-empty strings, and not empty unless optional: [] is as if absent (a VQA test row's answers)
+        if isinstance(value, list) and not ((value or key not in required)
+                                            and all(isinstance(v, str) and v.strip() for v in value)):
             return f"'{key}' must be a non-empty list of non-empty strings"
     return None
 
@@ -366,30 +369,65 @@ class Collator:
         return batch
 
 
+class GlobalBatchSampler(Sampler):
+    """One process's micro-batches (lists of dataset indices), laid out so that the samples of an optimizer step,
+    and how they are cut into micro-batches, do not depend on how many processes share the work.
+
+    Each epoch the n indices are shuffled by (seed, epoch) (or kept in order) and cut into global batches of
+    micro * accum * world indices, one per optimizer step. Global batch s is cut into accum * world slots of
+    `micro` consecutive indices, and slot m = rank * accum + j is this process's micro-batch j of step s: one
+    process with accum 2 gets the micro-batches that two processes with accum 1 get between them.
+    drop_last: no short last step; without it (one slot only) the last micro-batch may be short."""
+
+    def __init__(self, n, micro, accum=1, rank=0, world=1, shuffle=True, seed=0, drop_last=True):
+        if accum * world > 1 and not drop_last:
+            raise ValueError("a short last global batch cannot be cut into equal micro-batches: use drop_last")
+        self.n, self.micro, self.accum, self.rank, self.slots = n, micro, accum, rank, accum * world
+        self.shuffle, self.seed = shuffle, seed
+        self.steps = n // (micro * self.slots) if drop_last else -(-n // micro)  # steps per epoch
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        """The next pass yields epoch `epoch` from this process's micro-batch `start` on (a resumed run
+        skips the ones before it without reading them)."""
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):  # this process's micro-batches in a whole epoch
+        return self.steps * self.accum
+
+    def __iter__(self):
+        # the same permutation as RandomSampler with a generator seeded seed + epoch: one process without
+        # accumulation keeps the data order it had before global batches
+        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+                 if self.shuffle else torch.arange(self.n))
+        size = self.micro * self.slots  # the global batch
+        for k in range(self.start, len(self)):
+            step, j = divmod(k, self.accum)
+            first = step * size + (self.rank * self.accum + j) * self.micro
+            yield order[first:first + self.micro].tolist()
+
+
 def make_loader(dataset, batch_size, collator, shuffle, seed=0, num_workers=0, drop_last=False,
-                distributed=False):
-    """The one loader recipe of the training scripts; call loader_set_epoch(loader, e) each epoch."""
-    if distributed:
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-    elif shuffle:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-    else:
-        sampler = SequentialSampler(dataset)
-    sampler.base_seed = seed  # loader_set_epoch reseeds from it
+                accum=1, rank=0, world=1):
+    """The one loader recipe of the training scripts and the evaluation: micro-batches of batch_size items, accum of
+    them per process and step on `world` processes (GlobalBatchSampler); call loader_set_epoch(loader, e) each
+    epoch."""
+    sampler = GlobalBatchSampler(len(dataset), batch_size, accum, rank, world, shuffle, seed, drop_last)
     # workers persist across epochs (starting them anew each epoch stalls training) and read the epoch
     # from the dataset's shared memory; the loader's own generator keeps it from drawing worker seeds from the
     # global torch RNG
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator,
-                      num_workers=num_workers, drop_last=drop_last, persistent_workers=num_workers > 0,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
 
 
-def loader_set_epoch(loader, epoch):
-    """Make the data of `epoch` a pure function of (seed, epoch), so a resumed run sees the same."""
-    sampler = loader.sampler
-    if isinstance(sampler, DistributedSampler):
-        sampler.set_epoch(epoch)
-    elif isinstance(sampler, RandomSampler):
-        sampler.generator.manual_seed(sampler.base_seed + epoch)
+def loader_set_epoch(loader, epoch, start=0):
+    """Make the data of `epoch` a pure function of (seed, epoch), so a resumed run sees the same, and begin the
+    loader's next pass at its batch `start`. Returns how many batches that pass still yields before `start`:
+    0 when its sampler skips them unread (GlobalBatchSampler), else `start` (the caller reads and drops them)."""
+    sampler, skip = loader.batch_sampler, start
+    if isinstance(sampler, GlobalBatchSampler):
+        sampler.set_epoch(epoch, start)
+        skip = 0
     if hasattr(loader.dataset, "set_epoch"):
         loader.dataset.set_epoch(epoch)
+    return skip

@@ -8,11 +8,14 @@ From a pre-trained checkpoint (the architecture and the vocabulary come from the
     python pretrain.py && python finetune.py --task vqa --init runs/pretrain/last.pt
 The head alone on the frozen encoder of a checkpoint (a probe of its representation):
     python finetune.py --task nlvr2 --init runs/pretrain/last.pt --freeze-backbone --lr 1e-3
-One GPU, your own data in the ALBEF/X-VLM JSON formats:
+One GPU, your own data in the ALBEF/X-VLM JSON formats, 64 questions per step in micro-batches of 16:
     python finetune.py --task vqa --init base.pt --train-json vqa_train.json --val-json vqa_val.json \\
-        --test-json vqa_test.json --image-root /data/coco --epochs 8 --batch-size 64 --lr 2e-5
-Several GPUs (one node), or CPU processes with Gloo:
-    torchrun --standalone --nproc_per_node=4 finetune.py --task retrieval --init base.pt ...
+        --test-json vqa_test.json --image-root /data/coco --epochs 8 --batch-size 64 --micro-batch 16 --lr 2e-5
+Several GPUs (one node), or CPU processes with Gloo: the same steps, a micro-batch of 16 on each of 4 GPUs:
+    torchrun --standalone --nproc_per_node=4 finetune.py --task vqa --init base.pt ... --batch-size 64 --micro-batch 16
+--batch-size is the global batch (all processes together), as in pretrain.py: with the same --batch-size and
+--micro-batch, VQA (tests/test_global_batch.py) and NLVR2 end with the same parameters on any number of
+processes, to float rounding; retrieval's contrastive negatives change with it (pretrain.py's docstring says why).
 Resume: --resume auto (last.pt of --out-dir). Score a result again: python evaluate.py --task vqa
 --checkpoint runs/finetune_vqa/best.pt --split test.
 
@@ -199,7 +202,7 @@ def base_model(fc):
         if tokenizer is None:
             raise SystemExit(f"error: --init {fc.init} is an official EVE checkpoint, which carries no vocabulary: "
                              "give its tokenizer with --bpe DIR (vocab.json + merges.txt)")
-        cfg = official.official_config(released)
+        cfg = official.official_config(released, pad_id=tokenizer.pad_id)
         if len(tokenizer) > cfg.vocab_size:
             raise SystemExit(f"error: the tokenizer has {len(tokenizer)} tokens, {fc.init} embeds {cfg.vocab_size}")
         return cfg, tokenizer, {"official": released}, official.official_nlvr2_head(released)
@@ -308,12 +311,13 @@ def run(given, rank, world, device):
     answers = None
     if fc.task == "vqa":
         answers = resume["answers"] if resume else vqa_answers(fc, train_set.rows, verbose=rank == 0)
-    loader = data.make_loader(train_set, fc.batch_size, data.Collator(tokenizer, cfg.max_text_len), shuffle=True,
-                              seed=fc.seed, num_workers=fc.num_workers, drop_last=True, distributed=world > 1)
+    fc = training.split_batch(fc, world)  # micro_batch and grad_accum from the global --batch-size
+    loader = data.make_loader(train_set, fc.micro_batch, data.Collator(tokenizer, cfg.max_text_len), shuffle=True,
+                              seed=fc.seed, num_workers=fc.num_workers, drop_last=True, accum=fc.grad_accum,
+                              rank=rank, world=world)
     steps_per_epoch = len(loader) // fc.grad_accum  # as fit() counts them
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {fc.train_json} has {len(train_set)} rows, fewer than one step of "
-                         f"{fc.batch_size * fc.grad_accum * world}")
+        raise SystemExit(f"error: {fc.train_json} has {len(train_set)} rows, fewer than one step of {fc.batch_size}")
     max_steps = fc.max_steps or max(1, round(fc.epochs * steps_per_epoch))
     fc = replace(fc, max_steps=max_steps, save_every=fc.save_every or steps_per_epoch,
                  warmup_steps=fc.warmup_steps if fc.warmup_steps >= 0 else int(max_steps * fc.warmup_ratio))
@@ -331,8 +335,9 @@ def run(given, rank, world, device):
     progress = checkpoints.restore(resume, resume_path, model, opt, sched, rank, world) if resume else {}
     if rank == 0:
         print(cfg)
-        print(f"{fc.task}: {len(train_set)} training rows, {steps_per_epoch} steps per epoch, {max_steps} steps, "
-              f"device {device}, {world} process(es)"
+        print(f"{fc.task}: {len(train_set)} training rows, {steps_per_epoch} steps per epoch of {fc.batch_size} "
+              f"({world} process(es) x {fc.grad_accum} micro-batch(es) of {fc.micro_batch}), {max_steps} steps, "
+              f"device {device}"
               + (f", resumed from {resume_path} at step {progress['step']}" if resume else ""))
     return train_and_test(fc, model, tokenizer, answers, loader, opt, sched, objective, progress, resume,
                           device, rank, world)
@@ -357,7 +362,7 @@ def train_and_test(fc, model, tokenizer, answers, loader, opt, sched, objective,
         predictions = out_dir / f"{fc.task}_{split}_predictions.json" if fc.task != "retrieval" else None
         scores = evaluate.evaluate_split(fc.task, model, tokenizer, getattr(fc, f"{split}_json"), fc.image_root,
                                          device, answers=answers, k_test=fc.k_test, rank=fc.rank,
-                                         batch_size=2 * fc.batch_size, num_workers=fc.num_workers,
+                                         batch_size=2 * fc.micro_batch, num_workers=fc.num_workers,
                                          skip_bad=fc.skip_bad, predictions_path=predictions)
         log.write(step=step, split=split, **scores)
         return scores

@@ -2,19 +2,28 @@
 
 CPU, the tiny preset on the built-in shapes world (generated on first use):
     python pretrain.py
-One GPU, the base preset on your own data (ALBEF-style JSON, a BERT vocab.txt):
-    python pretrain.py --preset base --train-json pretrain.json --image-root /data/images --vocab vocab.txt
-Several GPUs (one node), or CPU processes with Gloo:
-    torchrun --standalone --nproc_per_node=4 pretrain.py --preset base ...
+One GPU, the base preset on your own data (ALBEF-style JSON, a BERT vocab.txt), 256 pairs per step in
+micro-batches of 64:
+    python pretrain.py --preset base --train-json pretrain.json --image-root /data/images --vocab vocab.txt \\
+        --batch-size 256 --micro-batch 64
+Several GPUs (one node), or CPU processes with Gloo: the same steps, a micro-batch of 64 on each of 4 GPUs:
+    torchrun --standalone --nproc_per_node=4 pretrain.py --preset base ... --batch-size 256 --micro-batch 64
 Several nodes: torchrun --nnodes=2 --node_rank=R --rdzv_endpoint=HOST:PORT --nproc_per_node=8 pretrain.py ...
 The baseline and the ablations:
     python pretrain.py --objective itc_itm          # or msm+itc_itm, itc_itm+mlm
     python pretrain.py --top-ffn dense --ffn dense  # or --no-modality-routing, --num-experts 4, --top-k 1, ...
 Resume: python pretrain.py --resume auto (last.pt of --out-dir) or --resume PATH.
 
-MSM has no in-batch negatives, so gradient accumulation over k micro-batches equals one
-k-times larger batch exactly (up to the per-batch loss means); ITC's negatives are per
-micro-batch, so for itc_itm accumulation is an approximation.
+--batch-size is the global batch: the pairs of one optimizer step, all processes together. Each process
+runs micro-batches of --micro-batch pairs (default: batch-size / processes) and accumulates the gradients of
+batch-size / (micro-batch x processes) of them. Which pairs form each micro-batch of a step, and its random
+draws (masks, dropout), depend only on its place in the data (data.GlobalBatchSampler,
+resilience.micro_batch_seed), not on the process that runs it: with the same --batch-size and --micro-batch,
+MSM on 1, 2 or 4 processes ends with the same parameters, to float rounding (tests/test_global_batch.py).
+With the default --micro-batch the steps hold the same pairs, cut into other micro-batches. Objectives with
+in-batch negatives differ with the process count: ITC gathers the features of all processes (as ALBEF does)
+but not those of the micro-batches accumulated on one (that needs all of them at once, GradCache's two passes;
+not done here), and ITM draws its hard negatives within each micro-batch.
 """
 import argparse
 import dataclasses
@@ -25,6 +34,7 @@ from pathlib import Path
 import checkpoints
 import data
 import pictures
+import probe
 import resilience
 import training
 from masking import mask_text
@@ -48,9 +58,13 @@ class TrainConfig(training.TrainingConfig):
     bert_replace: bool = False  # BERT's 80/10/10 replacement of masked tokens (off: every masked token is [MASK])
     augment: bool = option(True, "mild random crop and a flip that swaps left and right in the caption")
     picture_every: int = option(200, "steps between PNG pictures")
+    probe_every: int = option(50, "steps between concept-probe scores in metrics.jsonl (probe.py; the shapes world "
+                                  "only; 0 = off)")
 
 
 # the model fields a pre-training run may set over the preset (model.make_config's names), with their help
+PROBE_ITEMS = 40  # items of each kind in the probe logged while training (python probe.py asks them all)
+
 MODEL_FLAGS = {"image_size": "input resolution (square)", "patch_size": "patch side in pixels",
                "dim": "encoder width", "depth": "encoder layers", "heads": "attention heads",
                "ffn": "FFN of the lower layers: multiway | moe | dense", "top_ffn": "FFN of the top layers",
@@ -109,6 +123,7 @@ def main(argv=None):
 
 
 def run(tc, model_overrides, rank, world, device):
+    tc = training.split_batch(tc, world)  # micro_batch and grad_accum from the global --batch-size
     tokenizer, json_path, image_root = build_data(tc, rank, world)
     ckpt_path, ckpt = checkpoints.load_resume(tc.resume, tc.out_dir, verbose=rank == 0)
     if ckpt:  # the run's model is the checkpoint's; flags cannot change it midway
@@ -120,10 +135,11 @@ def run(tc, model_overrides, rank, world, device):
     if cfg.vocab_size != len(tokenizer):
         raise SystemExit(f"error: the model has vocab_size={cfg.vocab_size} but {tc.vocab or 'the vocabulary'} has {len(tokenizer)} tokens")
     dataset = data.PretrainDataset(json_path, image_root, cfg.image_size, augment=tc.augment, seed=tc.seed, skip_bad=tc.skip_bad)
-    loader = data.make_loader(dataset, tc.batch_size, data.Collator(tokenizer, cfg.max_text_len), shuffle=True,
-                              seed=tc.seed, num_workers=tc.num_workers, drop_last=True, distributed=world > 1)
-    if len(loader) < tc.grad_accum:
-        raise SystemExit(f"error: {json_path} has {len(dataset)} pairs, fewer than one step of {tc.batch_size * tc.grad_accum * world}")
+    loader = data.make_loader(dataset, tc.micro_batch, data.Collator(tokenizer, cfg.max_text_len), shuffle=True,
+                              seed=tc.seed, num_workers=tc.num_workers, drop_last=True, accum=tc.grad_accum,
+                              rank=rank, world=world)
+    if len(loader) == 0:
+        raise SystemExit(f"error: {json_path} has {len(dataset)} pairs, fewer than one step of {tc.batch_size}")
 
     model = EVEWithHeads(cfg).to(device)
     model.freeze_unused_heads(tc.objective)  # DDP then needs no find_unused_parameters
@@ -132,17 +148,24 @@ def run(tc, model_overrides, rank, world, device):
     step = progress.get("step", 0)
     if rank == 0:
         print(cfg)
-        print(f"{len(dataset)} pairs, {len(loader) // tc.grad_accum} steps per epoch, objective {tc.objective}, "
-              f"device {device}, {world} process(es)" + (f", resumed from {ckpt_path} at step {step}" if ckpt else ""))
+        print(f"{len(dataset)} pairs, {len(loader) // tc.grad_accum} steps per epoch of {tc.batch_size} ({world} "
+              f"process(es) x {tc.grad_accum} micro-batch(es) of {tc.micro_batch}), objective {tc.objective}, "
+              f"device {device}" + (f", resumed from {ckpt_path} at step {step}" if ckpt else ""))
     out_dir = Path(tc.out_dir)
 
     log = training.MetricsLog(out_dir / "metrics.jsonl", enabled=rank == 0)
+    # what the MLM fills in from the image, kind by kind, on a fixed subset of the held-out scenes
+    concepts = None
+    if rank == 0 and tc.probe_every and not tc.train_json and tc.objective != "itc_itm":  # needs the MLM head
+        concepts = probe.Probe(tc.data_dir, tokenizer, cfg.image_size, per_kind=PROBE_ITEMS)
 
     def after_step(step, batch, out):
         if rank != 0:
             return
         if "pred" in out and (step % tc.log_every == 0 or step == tc.max_steps):
             log.write(step=step, recon_fg_ratio=pictures.foreground_ratio(batch["image"], out["pred"], out["mask"], cfg))
+        if concepts and (step % tc.probe_every == 0 or step == tc.max_steps):
+            log.write(step=step, **concepts.scores(model, device))
         if step % tc.picture_every == 0 or step == tc.max_steps:
             out_dir.mkdir(parents=True, exist_ok=True)
             if "pred" in out:

@@ -4,6 +4,7 @@ stopping cleanly on SIGINT/SIGTERM, the wall-clock budget, --skip-bad accounting
 so that a resumed run, or one that torchrun restarted after a lost rank, repeats an uninterrupted run exactly.
 Checkpoint files themselves: checkpoints.py."""
 import itertools
+import random
 import signal
 import sys
 import time
@@ -107,6 +108,15 @@ def no_usable_item(dataset, epoch, skipped):
                       f"rows were left out when reading; nothing to train on")
 
 
+def micro_batch_seed(seed, epoch, step, slot):
+    """The torch seed of one micro-batch's random draws (image and text masks, dropout, drop-path, sampled
+    experts, hard negatives), set before its forward pass: a function of the run's seed and the micro-batch's
+    place in the data (data.GlobalBatchSampler: the epoch, the step in it, the slot in the global batch), never
+    of the process that runs it. So one process with accumulation draws what several without draw, and a
+    resumed run draws what an uninterrupted one did."""
+    return random.Random(f"micro-{seed}-{epoch}-{step}-{slot}").getrandbits(63)
+
+
 class Run:
     """One run's position and its stop path. The data order of epoch e is a function of (seed, e) and every
     checkpoint records where in it the run stood (epoch, next micro-batch, this rank's RNG when the last step
@@ -143,10 +153,12 @@ class Run:
     def micro_batches(self, loader):
         """The micro-batches of the current epoch not done yet, as (index, batch, empty). One check for all
         ranks before each: a signal anywhere ends them for everyone (stopped = "signal"); a micro-batch whose
-        items were all skipped on any rank is `empty` on every rank (DDP's all-reduce needs all of them)."""
+        items were all skipped on any rank is `empty` on every rank (DDP's all-reduce needs all of them).
+        Before each is yielded, torch's RNG is seeded by its place in the data (micro_batch_seed)."""
         self.this_epoch, self.start, self.skipped, self.steps_in_epoch = self.epoch, self.micro, Counter(), 0
-        data.loader_set_epoch(loader, self.epoch)
-        batches = itertools.islice(loader, self.start, self.micros_per_epoch)  # the micro-batches not done yet
+        skip = data.loader_set_epoch(loader, self.epoch, self.start)
+        batches = itertools.islice(loader, skip, None)  # the micro-batches not done yet
+        accum = self.tc.grad_accum
         for micro in range(self.start, self.micros_per_epoch):
             with self.stop.interruptible():  # a slow or stuck loader
                 batch = next(batches)
@@ -155,6 +167,9 @@ class Run:
             if signalled:
                 self.stopped = "signal"
                 return
+            # its place in the data: step micro // accum of the epoch, slot rank * accum + j of the global batch
+            torch.manual_seed(micro_batch_seed(self.tc.seed, self.this_epoch, micro // accum,
+                                               self.rank * accum + micro % accum))
             yield micro, batch, empty
 
     def advance(self, micro):

@@ -81,8 +81,10 @@ class TrainingConfig:
     bpe: str = option("", "or a byte-level BPE folder (vocab.json + merges.txt), the official EVE tokenizer's format")
     out_dir: str = option("", "checkpoints and metrics.jsonl")
     max_steps: int = option(0, "optimizer steps")
-    batch_size: int = option(32, "samples per process and micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
+    batch_size: int = option(32, "samples per optimizer step, all processes together (the global batch)")
+    micro_batch: int = option(0, "samples per process and forward pass (0: batch-size / processes); the gradients "
+                                 "of batch-size / (micro-batch x processes) of them are accumulated")
+    grad_accum: int = 1  # micro-batches per process and optimizer step: decided by split_batch, not given
     lr: float = option(5e-4, "peak learning rate")
     min_lr_ratio: float = 0.01  # final LR as a share of the peak
     warmup_steps: int = option(0, "linear warm-up steps")
@@ -104,7 +106,7 @@ class TrainingConfig:
 # ---- devices and DDP -------------------------------------------------------------------
 
 def setup_distributed(seed):
-    """Initialise DDP from torchrun's environment (NCCL on GPU, Gloo on CPU) and seed per rank.
+    """Initialise DDP from torchrun's environment (NCCL on GPU, Gloo on CPU) and seed every rank alike.
 
     Returns (rank, world_size, local_rank, device).
     """
@@ -126,7 +128,9 @@ def setup_distributed(seed):
             dist.init_process_group(backend, store=dist.PrefixStore(f"restart_{restart}", store), rank=rank, world_size=world)
         else:
             dist.init_process_group(backend)
-    seed_everything(seed + rank)  # different masks and dropout per rank, reproducible per run
+    # every rank initialises the same model; the random draws of training (masks, dropout, ...) are seeded
+    # per micro-batch by its place in the data (resilience.micro_batch_seed), not by rank
+    seed_everything(seed)
     return rank, world, local_rank, device
 
 
@@ -134,6 +138,19 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def split_batch(tc, world):
+    """tc with micro_batch and grad_accum decided from the global batch: tc.batch_size samples per optimizer
+    step, as grad_accum micro-batches of micro_batch samples on each of `world` processes (nanoGPT's
+    arithmetic). Stops with one line when they do not divide."""
+    micro = tc.micro_batch or tc.batch_size // world
+    if tc.batch_size < 1 or micro < 1 or tc.batch_size % (micro * world):
+        given = f"--micro-batch {tc.micro_batch} x " if tc.micro_batch else ""
+        raise SystemExit(f"error: --batch-size {tc.batch_size} (samples per step, all processes together) is not a "
+                         f"positive multiple of {given}{world} process(es): give a --batch-size that is, or another "
+                         "--micro-batch")
+    return dataclasses.replace(tc, micro_batch=micro, grad_accum=tc.batch_size // (micro * world))
 
 
 def data_error_exit(error):
@@ -240,22 +257,35 @@ def to_jsonable(x):
 
 class StepLog:
     """What the loop reports: the tqdm bar (rank 0) on every step and, every tc.log_every steps and at the
-    last, one metrics.jsonl record: losses, learning rate, throughput since the last record, gradient norm,
-    seconds of training, and per MoE layer the assignments per expert for vision and for text."""
+    last, one metrics.jsonl record: the step's losses (each the mean over the step's micro-batches on all ranks,
+    so the same on any number of processes), learning rate, throughput since the last record, gradient norm,
+    seconds of training, and per MoE layer the assignments per expert for vision and for text (of the last
+    micro-batch)."""
 
     def __init__(self, log, tc, step, rank, desc):
         self.log, self.every, self.last = log, tc.log_every, tc.max_steps
         self.bar = tqdm(total=tc.max_steps, initial=step, disable=rank != 0, desc=desc, dynamic_ncols=True)
         self.t, self.samples = time.perf_counter(), 0
+        self.sums, self.micros = {}, 0  # the loss parts of this step's micro-batches so far, summed
 
-    def count(self, samples):
-        self.samples += samples
+    def count(self, out, samples):
+        """One micro-batch: its losses, and the samples it stands for on all ranks."""
+        self.samples, self.micros = self.samples + samples, self.micros + 1
+        for k, v in out.items():
+            if k.startswith("loss"):
+                self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
 
     def step(self, step, epoch, out, grad_norm, lr, seconds):
         self.bar.update(1)
+        sums, micros, self.sums, self.micros = self.sums, self.micros, {}, 0
         if step % self.every and step != self.last:
             return
-        parts = {k: round(v.item(), 4) for k, v in out.items() if k.startswith("loss")}
+        names = sorted(sums)
+        means = torch.stack([sums[k] for k in names]) / micros  # every rank logs the same steps: one all-reduce
+        if dist.is_initialized():
+            dist.all_reduce(means)
+            means /= dist.get_world_size()
+        parts = {k: round(v, 4) for k, v in zip(names, means.tolist())}
         now = time.perf_counter()
         rate, self.t, self.samples = self.samples / max(now - self.t, 1e-9), now, 0
         self.bar.set_postfix(loss=f"{parts['loss']:.3f}", sps=f"{rate:.0f}")
@@ -294,7 +324,8 @@ def train_one_epoch(model, loader, opt, sched, tc, task, device, run, log, prepa
     model: what to call (DDP-wrapped, compiled), as model(batch, task) -> dict with "loss". prepare(batch) ->
     batch adds task inputs; after_step(step, batch, out) runs on every rank after each optimizer step.
     With --skip-bad, micro-batches whose items were all skipped are left out, and a step with none left is
-    no step."""
+    no step. Each micro-batch's random draws (masks, dropout, negatives) are seeded by its place in the data
+    (run.micro_batches), so they do not depend on the number of processes."""
     epoch, used = run.epoch, 0  # used: micro-batches trained on in this step so far
     for micro, batch, empty in run.micro_batches(loader):
         last_micro = (micro + 1) % tc.grad_accum == 0
@@ -307,7 +338,7 @@ def train_one_epoch(model, loader, opt, sched, tc, task, device, run, log, prepa
                     out = model(batch, task)
                 (out["loss"] / tc.grad_accum).backward()
             used, trained = used + 1, batch
-            log.count(len(batch["text_ids"]) * run.world)
+            log.count(out, len(batch["text_ids"]) * run.world)
         if not last_micro:
             continue
         run.advance(micro)  # the next step starts after this micro-batch

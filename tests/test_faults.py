@@ -51,7 +51,7 @@ def test_skip_bad_batch_of_only_bad_items_is_not_a_step(small_world, tmp_path):
     args = flags(small_world, tmp_path / "run", "--max-steps", "3", "--batch-size", "1", "--skip-bad")
     done = run_pretrain(args + bad_rows(tmp_path, small_world, 1), timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 3
     steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if "loss" in r] == [1, 2, 3]  # one step per epoch: the good row
     assert "skipped 1 bad items" in done.stderr
@@ -122,7 +122,7 @@ def test_signal_stops_within_seconds_wherever_the_loop_is(tmp_path, where):
 
     step = training.fit(model, loader, opt, sched, tc, "any", torch.device("cpu"), 0, 1, after_step=after_step)
     assert step == 2 and time.time() - sent["t"] < 5
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 2  # saved what there was to save
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2  # saved what there was to save
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handed back
 
 
@@ -139,7 +139,7 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_good_one(s
     assert line == (f"error: cannot write {out / 'ckpt_0000008.pt'}: No space left on device; "
                     f"the last good checkpoint is still {out / 'last.pt'} (= ckpt_0000004.pt)")
     assert not (out / "ckpt_0000008.pt.tmp").exists() and not (out / "ckpt_0000008.pt").exists()
-    assert torch.load(out / "last.pt", weights_only=False)["step"] == 4
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 4
 
 
 def test_file_size_limit_during_the_first_checkpoint(small_world, tmp_path):
@@ -160,7 +160,7 @@ def test_file_size_limit_during_the_first_checkpoint(small_world, tmp_path):
 def test_corrupt_last_pt_falls_back_to_the_newest_readable_checkpoint(small_world, tmp_path, capsys):
     out = tmp_path / "run"
     pretrain.main(flags(small_world, out, "--max-steps", "8", "--save-every", "4"))
-    straight = torch.load(out / "last.pt", weights_only=False)["model"]
+    straight = torch.load(out / "last.pt", weights_only=True)["model"]
     size = (out / "last.pt").stat().st_size
     with open(out / "last.pt", "r+b") as f:  # truncated in place, so ckpt_0000008.pt (the same file) is too
         f.truncate(size // 3)
@@ -171,7 +171,7 @@ def test_corrupt_last_pt_falls_back_to_the_newest_readable_checkpoint(small_worl
     printed = capsys.readouterr()
     assert f"warning: cannot read checkpoint {out / 'last.pt'}" in printed.err
     assert f"resumed from {out / 'ckpt_0000004.pt'} at step 4" in printed.out
-    resumed = torch.load(out / "last.pt", weights_only=False)
+    resumed = torch.load(out / "last.pt", weights_only=True)
     assert resumed["step"] == 8 and all(torch.equal(v, resumed["model"][k]) for k, v in straight.items())
 
 
@@ -214,7 +214,7 @@ def test_max_seconds_stops_at_the_first_step_past_the_budget(small_world, tmp_pa
     assert all(r["seconds"] < budget for r in steps[:-1]) and budget <= steps[-1]["seconds"]
     assert final == {"step": steps[-1]["step"], "seconds": steps[-1]["seconds"], "stopped": "max_seconds",
                      "max_seconds": budget}
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == final["step"] < 1000
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == final["step"] < 1000
     assert f"stopped at the time budget: {final['step']} steps" in capsys.readouterr().out
     # the LR schedule spans --max-steps, not the budget: step s's LR by hand
     for r in steps:

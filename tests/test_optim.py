@@ -97,8 +97,8 @@ def test_both_configs_share_one_base_and_keep_their_defaults():
         ("runs/pretrain", 900, 32, 1e-3, 200, 200, 3)
     assert (fc.out_dir, fc.max_steps, fc.batch_size, fc.lr, fc.warmup_steps, fc.save_every, fc.keep_last) == \
         ("", 0, 32, 5e-4, -1, 0, 2)
-    args = finetune.parse_args(["--grad-accum", "2", "--head-lr-mult", "5"])  # a shared flag and an own one
-    assert args.grad_accum == 2 and args.head_lr_mult == 5.0
+    args = finetune.parse_args(["--micro-batch", "2", "--head-lr-mult", "5"])  # a shared flag and an own one
+    assert args.micro_batch == 2 and args.head_lr_mult == 5.0
     helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(finetune.FinetuneConfig)}
     assert helps["save_every"].endswith("at the end of every epoch")
     assert pretrain.parse_args(["--max-seconds", "60"]).max_seconds == 60.0

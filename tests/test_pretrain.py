@@ -59,8 +59,8 @@ def test_resumed_run_equals_uninterrupted_run(small_world, tmp_path):
     pretrain.main(run_flags(small_world, a, "--max-steps", "6", "--save-every", "3"))
     # continue from A's step-3 checkpoint, exactly what a run killed after step 3 would have left
     pretrain.main(run_flags(small_world, b, "--max-steps", "6", "--save-every", "3", "--resume", str(a / "ckpt_0000003.pt")))
-    final_a = torch.load(a / "last.pt", weights_only=False)
-    final_b = torch.load(b / "last.pt", weights_only=False)
+    final_a = torch.load(a / "last.pt", weights_only=True)
+    final_b = torch.load(b / "last.pt", weights_only=True)
     assert final_a["step"] == final_b["step"] == 6
     for k, v in final_a["model"].items():
         assert torch.equal(v, final_b["model"][k]), k
@@ -98,7 +98,7 @@ def test_ddp_two_processes_gloo_end_with_identical_parameters(small_world, tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(v, r1[k]) for k, v in r0.items())
-    first = torch.load(tmp_path / "run" / "ckpt_0000003.pt", weights_only=False)
+    first = torch.load(tmp_path / "run" / "ckpt_0000003.pt", weights_only=True)
     assert len(first["rng"]) == 2  # each rank's RNG state, for an exact resume
     for rank in (0, 1):  # the process group's threads are gone when main() returns (alive at exit, they can abort it)
         before, after = (tmp_path / f"threads{rank}").read_text().split()

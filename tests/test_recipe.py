@@ -118,7 +118,7 @@ def test_own_checkpoint_pretrained_at_32px_finetunes_at_48px(small_world, tmp_pa
     finetune.main(["--task", "nlvr2", *paths, "--image-root", str(w["root"]), "--init", str(tmp_path / "pt" / "last.pt"),
                    "--out-dir", str(tmp_path / "ft"), "--max-steps", "1", "--batch-size", "4", "--num-workers", "0",
                    "--image-size", "48"])
-    best = torch.load(tmp_path / "ft" / "best.pt", weights_only=False)
+    best = torch.load(tmp_path / "ft" / "best.pt", weights_only=True)
     assert best["config"]["image_size"] == 48 and best["model"]["image_pos"].shape == (1, 37, 64)
 
 

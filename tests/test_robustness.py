@@ -136,7 +136,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_world, tmp_path
              "--out-dir", str(tmp_path), "--batch-size", "4", "--num-workers", "0", "--save-every", "2", "--max-steps", "10"]
     with pytest.raises(SystemExit, match="loss is nan at step 4"):
         pretrain.main(flags)
-    last = torch.load(tmp_path / "last.pt", weights_only=False)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert last["step"] == 4 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 
@@ -187,7 +187,7 @@ def straight_run(small_world, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("straight")
     straight = start(small_world, out_dir)
     assert straight.wait(timeout=300) == 0
-    return torch.load(out_dir / "last.pt", weights_only=False)
+    return torch.load(out_dir / "last.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
@@ -197,7 +197,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(small_world, straight_ru
     proc.send_signal(how)
     proc.wait(timeout=60)
     logged = max(json.loads(l)["step"] for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines())
-    saved = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["step"]
+    saved = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["step"]
     if how == signal.SIGKILL:  # no chance to save: at most one save interval (4 steps) is redone
         assert logged - 4 <= saved <= logged  # killed mid-save at step 12 leaves 8: one interval redone
     else:  # a clean stop saves the step it stopped at and exits 0
@@ -205,7 +205,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(small_world, straight_ru
     resumed = start(small_world, tmp_path / "killed", "--resume", "auto")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     a = straight_run
-    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 40
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
 

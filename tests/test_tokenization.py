@@ -195,10 +195,10 @@ def test_pretrain_resume_and_finetune_with_bpe(small_world, tmp_path):
     with pytest.raises(SystemExit, match="nope/vocab.json: no such file"):
         pretrain.main(flags + ["--bpe", str(tmp_path / "nope")])
     pretrain.main(flags + ["--max-steps", "1"])
-    ckpt = torch.load(out / "last.pt", weights_only=False)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["vocab"] == tok.state and ckpt["config"]["vocab_size"] == len(tok)
     pretrain.main(flags + ["--max-steps", "2", "--resume", "auto"])  # the BPE state in the checkpoint matches --bpe
-    assert torch.load(out / "last.pt", weights_only=False)["step"] == 2
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
     ft = tmp_path / "ft"
     finetune.main(["--task", "vqa", "--init", str(out / "last.pt"), "--image-root", str(small_world["root"]),
                    "--answer-list", str(small_world["answer_list"]), "--out-dir", str(ft), "--batch-size", "4",
