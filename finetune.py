@@ -193,7 +193,7 @@ def base_model(fc):
     if not fc.init:
         if tokenizer is None:
             raise SystemExit("error: own data from scratch needs --vocab (a vocab.txt) or --bpe (vocab.json + merges.txt)")
-        return make_config(fc.preset, vocab_size=len(tokenizer)), tokenizer, None, None
+        return make_config(fc.preset, vocab_size=len(tokenizer), pad_id=tokenizer.pad_id), tokenizer, None, None
     if not Path(fc.init).is_file():
         raise SystemExit(f"error: --init {fc.init}: no such checkpoint file")
     ckpt = checkpoints.load_checkpoint(fc.init)

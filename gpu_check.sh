@@ -42,12 +42,12 @@ echo "   ($SECONDS s)"
 echo "== 3/3 torchrun --standalone --nproc_per_node=2"
 SECONDS=0
 if [ "$n_gpu" -ge 2 ]; then
-    torchrun --standalone --nproc_per_node=2 pretrain.py --preset base --dtype bf16 --max-steps 10 --batch-size 16 \
+    torchrun --standalone --nproc_per_node=2 pretrain.py --preset base --dtype bf16 --max-steps 10 --batch-size 32 \
         --save-every 10 --picture-every 10 --out-dir "$OUT/ddp_base" 2>&1 | tail -n 5
     tail -n 1 "$OUT/ddp_base/metrics.jsonl"
 else
     echo "one GPU: two CPU processes with Gloo (the tiny preset) check the DDP path instead"
-    CUDA_VISIBLE_DEVICES="" torchrun --standalone --nproc_per_node=2 pretrain.py --max-steps 5 --batch-size 8 \
+    CUDA_VISIBLE_DEVICES="" torchrun --standalone --nproc_per_node=2 pretrain.py --max-steps 5 --batch-size 16 \
         --save-every 5 --picture-every 5 --out-dir "$OUT/ddp_tiny_cpu" 2>&1 | tail -n 5
     tail -n 1 "$OUT/ddp_tiny_cpu/metrics.jsonl"
 fi

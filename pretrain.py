@@ -58,7 +58,7 @@ class TrainConfig(training.TrainingConfig):
     bert_replace: bool = False  # BERT's 80/10/10 replacement of masked tokens (off: every masked token is [MASK])
     augment: bool = option(True, "mild random crop and a flip that swaps left and right in the caption")
     picture_every: int = option(200, "steps between PNG pictures")
-    probe_every: int = option(50, "steps between concept-probe scores in metrics.jsonl (probe.py; the shapes world "
+    probe_every: int = option(100, "steps between concept-probe scores in metrics.jsonl (probe.py; the shapes world "
                                   "only; 0 = off)")
 
 
@@ -131,7 +131,7 @@ def run(tc, model_overrides, rank, world, device):
         if ckpt["vocab"] != tokenizer.state:
             raise SystemExit(f"error: {ckpt_path} was trained with another vocabulary than {tc.bpe or tc.vocab or 'the shapes world'}")
     else:
-        cfg = make_config(tc.preset, **{"vocab_size": len(tokenizer), **model_overrides})
+        cfg = make_config(tc.preset, **{"vocab_size": len(tokenizer), "pad_id": tokenizer.pad_id, **model_overrides})
     if cfg.vocab_size != len(tokenizer):
         raise SystemExit(f"error: the model has vocab_size={cfg.vocab_size} but {tc.vocab or 'the vocabulary'} has {len(tokenizer)} tokens")
     dataset = data.PretrainDataset(json_path, image_root, cfg.image_size, augment=tc.augment, seed=tc.seed, skip_bad=tc.skip_bad)
