@@ -122,3 +122,19 @@ def test_a_model_trained_on_captions_alone_scores_at_the_text_only_level(tmp_pat
     assert scores["probe_colour_text"] < 30  # the captions alone do not tell a colour (chance 12.5)
     for kind in probe.KINDS:
         assert abs(scores[f"probe_{kind}"] - scores[f"probe_{kind}_text"]) <= 10, (kind, scores)
+
+
+def test_pretraining_logs_the_probe(small_world, tmp_path):
+    """pretrain.py writes the probe's scores every --probe-every steps and at the last, both kinds of score, as
+    probe.py computes them for the same weights."""
+    import pretrain
+    from conftest import TINY_MODEL_FLAGS
+    model = pretrain.main(["--data-dir", str(small_world["root"]), *TINY_MODEL_FLAGS, "--out-dir", str(tmp_path),
+                           "--batch-size", "8", "--num-workers", "0", "--max-steps", "3", "--probe-every", "2"])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "probe_shape" in r]
+    assert [r["step"] for r in logged] == [2, 3]
+    tokenizer = WordPieceTokenizer.from_file(small_world["vocab"])
+    again = probe.Probe(small_world["root"], tokenizer, model.cfg.image_size,
+                        per_kind=pretrain.PROBE_ITEMS).scores(model, torch.device("cpu"))
+    assert {k: logged[-1][k] for k in again} == again
