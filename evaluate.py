@@ -231,6 +231,16 @@ def evaluate_split(task, model, tokenizer, json_path, image_root, device, answer
     return metrics
 
 
+def load_pretrained(path, device):
+    """(model, tokenizer, checkpoint) of a pretrain.py (or finetune.py) checkpoint, weights loaded strictly; errors
+    as one line."""
+    ckpt = checkpoints.load_checkpoint(path)
+    cfg = checkpoints.model_config(ckpt, path, EVEConfig)
+    model = EVEWithHeads(cfg, **ckpt.get("heads", {})).to(device)
+    checkpoints.load_model_state(model, ckpt["model"], path)
+    return model, tokenizer_from_state(ckpt["vocab"], cfg.max_text_len), ckpt
+
+
 def load_finetuned(path, device):
     """(model, tokenizer, checkpoint) of a finetune.py checkpoint (best.pt or last.pt), weights loaded strictly."""
     ckpt = checkpoints.load_checkpoint(path)

@@ -25,15 +25,12 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-import checkpoints
 import data
+import evaluate
 import plots
 import training
-from heads import EVEWithHeads
 from masking import patchify, unpatchify
-from model import EVEConfig
 from plots import font
-from tokenization import tokenizer_from_state
 
 VISION_COLOUR, TEXT_COLOUR = "#3b6fd4", "#e8892b"
 
@@ -241,11 +238,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="which masks (reconstruction picture)")
     parser.add_argument("--out-dir", help="where to write the PNGs (default: the checkpoint's folder)")
     args = parser.parse_args(argv)
-    ckpt = checkpoints.load_checkpoint(args.checkpoint)
-    cfg, tc = checkpoints.model_config(ckpt, args.checkpoint, EVEConfig), ckpt.get("train_config", {})
-    model = EVEWithHeads(cfg)
-    checkpoints.load_model_state(model, ckpt["model"], args.checkpoint)
-    tokenizer = tokenizer_from_state(ckpt["vocab"])
+    model, tokenizer, ckpt = evaluate.load_pretrained(args.checkpoint, torch.device("cpu"))
+    cfg, tc = model.cfg, ckpt.get("train_config", {})
     json_path = args.json or tc.get("train_json") or str(Path(tc.get("data_dir", "data/shapes")) / "pretrain.json")
     image_root = args.image_root or tc.get("image_root") or str(Path(json_path).parent)
     try:

@@ -27,12 +27,9 @@ from pathlib import Path
 
 import torch
 
-import checkpoints
 import data
+import evaluate
 import shapes
-from heads import EVEWithHeads
-from model import EVEConfig
-from tokenization import tokenizer_from_state
 
 KINDS = {"shape": shapes.SHAPES, "colour": tuple(shapes.COLOURS), "size": shapes.SIZES,
          "count": shapes.NUMBERS[1:5], "relation": ("left", "right", "above", "below")}
@@ -171,15 +168,6 @@ class Probe:
         return {k: round(100 * sum(v) / len(v), 2) for k, v in by_kind.items()}
 
 
-def load_pretrained(path, device):
-    """(model, tokenizer) of a pretrain.py or finetune.py checkpoint (the MLM head must be in it)."""
-    ckpt = checkpoints.load_checkpoint(path)
-    cfg = checkpoints.model_config(ckpt, path, EVEConfig)
-    model = EVEWithHeads(cfg, **ckpt.get("heads", {})).to(device)
-    checkpoints.load_model_state(model, ckpt["model"], path)
-    return model, tokenizer_from_state(ckpt["vocab"], cfg.max_text_len)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a pretrain.py checkpoint (last.pt)")
@@ -190,7 +178,7 @@ def main(argv=None):
     if not shapes.made_world(args.data_dir):
         raise SystemExit(f"error: {args.data_dir} holds no shapes world (pretrain.py makes one)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_pretrained(args.checkpoint, device)
+    model, tokenizer, _ = evaluate.load_pretrained(args.checkpoint, device)
     probe = Probe(args.data_dir, tokenizer, model.cfg.image_size, args.split)
     scores, chance = probe.scores(model, device), probe.chance()
     counts = defaultdict(int)
