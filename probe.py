@@ -29,6 +29,7 @@ import torch
 
 import data
 import evaluate
+import predictions
 import shapes
 
 KINDS = {"shape": shapes.SHAPES, "colour": tuple(shapes.COLOURS), "size": shapes.SIZES,
@@ -189,10 +190,8 @@ def main(argv=None):
         if counts[k]:
             print(f"{k:9s} {counts[k]:5d} {scores[f'probe_{k}']:7.1f} {scores[f'probe_{k}_text']:7.1f} {chance[k]:7.1f}")
     if args.json:
-        tmp = Path(args.json + ".tmp")  # written whole, then renamed: never a half-written file
-        tmp.write_text(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, **scores,
-                                   "chance": chance, "items": dict(counts)}, indent=1))
-        tmp.replace(args.json)
+        predictions.write_json(args.json, {"checkpoint": str(args.checkpoint), "split": args.split, **scores,
+                                           "chance": chance, "items": dict(counts)})  # whole, then renamed
     return scores
 
 
