@@ -338,6 +338,15 @@ class NLVR2Dataset(_JsonImageDataset):
 
 
 # ----------------------------------------------------------------------------- batches and loaders
+def pad_ids(ids, pad_id):
+    """Token-id lists -> text_ids (B, T) padded with pad_id to the longest, text_mask (B, T; True on real tokens)."""
+    lengths = torch.tensor([len(x) for x in ids])
+    text_ids = torch.full((len(ids), int(lengths.max())), pad_id)
+    for b, x in enumerate(ids):
+        text_ids[b, :len(x)] = torch.tensor(x)
+    return text_ids, torch.arange(text_ids.shape[1]) < lengths[:, None]
+
+
 class Collator:
     """Items -> batch: stacks tensors, tokenizes and pads "text" into text_ids (B, T) and text_mask
     (B, T; True on [CLS]..[SEP]), ints -> LongTensor, the rest lists. Skipped items are left out and
@@ -355,11 +364,7 @@ class Collator:
             values = [item[key] for item in kept]
             if key == "text":
                 ids = [self.tokenizer.encode(t, self.max_len) for t in values]
-                lengths = torch.tensor([len(x) for x in ids])
-                batch["text_ids"] = torch.full((len(ids), int(lengths.max())), self.tokenizer.pad_id)
-                for b, x in enumerate(ids):
-                    batch["text_ids"][b, : len(x)] = torch.tensor(x)
-                batch["text_mask"] = torch.arange(batch["text_ids"].shape[1]) < lengths[:, None]
+                batch["text_ids"], batch["text_mask"] = pad_ids(ids, self.tokenizer.pad_id)
             elif isinstance(values[0], torch.Tensor):
                 batch[key] = torch.stack(values)
             elif isinstance(values[0], int):

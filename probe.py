@@ -135,14 +135,9 @@ class Probe:
         model.eval()
         chosen = []
         for start in range(0, len(self.items), batch_size):
-            ids = self.ids[start:start + batch_size]
-            width = max(map(len, ids))
-            text = torch.full((len(ids), width), self.pad_id)
-            for b, x in enumerate(ids):
-                text[b, :len(x)] = torch.tensor(x)
-            text = text.to(device)
+            text, text_mask = (t.to(device) for t in data.pad_ids(self.ids[start:start + batch_size], self.pad_id))
             images = self.images[self.image_of[start:start + batch_size]].to(device) if with_image else None
-            enc = model.encode(images, text, text != self.pad_id)
+            enc = model.encode(images, text, text_mask)
             hidden = enc["hidden"][:, enc["n_image"]:][text == self.mask_id]  # (B, D): one [MASK] per caption
             logits = model.mlm_logits(hidden).float().cpu()  # (B, vocab)
             for row, cands in zip(logits, self.candidates[start:start + batch_size]):
